@@ -1,0 +1,3 @@
+"""mlxd: a local LLM inference sidecar (namespace root for rpc, daemon, client, launchd)."""
+
+__version__ = "0.1.0"
