@@ -24,7 +24,7 @@ from .messages import __all__ as _messages_all
 from .methods import DELTA_NOTIFICATION, METHODS, MethodSpec, decode_params, decode_result
 from .transport import SUN_PATH_MAX, SocketPathTooLong, check_socket_path, default_socket_path
 
-__all__ = [  # noqa: PLE0604
+__all__ = [
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
     "DELTA_NOTIFICATION",

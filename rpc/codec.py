@@ -23,8 +23,8 @@ __all__ = [
     "Batch",
     "Connection",
     "Event",
-    "FramingError",
     "Framing",
+    "FramingError",
     "Invalid",
     "Message",
     "Notification",
@@ -155,7 +155,7 @@ def error_response(id: Id, error: ErrorObject) -> ResponseOut:
 class _Envelope(msgspec.Struct):
     jsonrpc: str | UnsetType = UNSET
     method: str | UnsetType = UNSET
-    id: int | str | None | UnsetType = UNSET
+    id: int | str | UnsetType | None = UNSET
     params: msgspec.Raw | UnsetType = UNSET
     result: msgspec.Raw | UnsetType = UNSET
     error: ErrorObject | UnsetType = UNSET
@@ -184,7 +184,7 @@ def _salvage_id(raw: bytes) -> Id:
 
 
 def _params(raw: msgspec.Raw | UnsetType) -> msgspec.Raw | None:
-    return None if raw is UNSET else raw  # type: ignore[return-value]
+    return None if raw is UNSET else raw
 
 
 def decode_message(raw: bytes) -> Message:
@@ -195,18 +195,22 @@ def decode_message(raw: bytes) -> Message:
         return _invalid(_salvage_id(raw), ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
     except (msgspec.DecodeError, RecursionError) as exc:
         return _invalid(None, ErrorCode.PARSE_ERROR, f"parse error: {exc}")
-    msg_id: Id = None if env.id is UNSET else env.id  # type: ignore[assignment]
+    msg_id: Id = None if env.id is UNSET else env.id
     if env.jsonrpc != "2.0":
-        return _invalid(msg_id, ErrorCode.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"')
+        return _invalid(
+            msg_id, ErrorCode.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"'
+        )
     if env.method is not UNSET:
         if env.result is not UNSET or env.error is not UNSET:
-            return _invalid(msg_id, ErrorCode.INVALID_REQUEST, "invalid request: method with result")
+            return _invalid(
+                msg_id, ErrorCode.INVALID_REQUEST, "invalid request: method with result"
+            )
         if env.id is UNSET:
-            return Notification(env.method, _params(env.params))  # type: ignore[arg-type]
-        return Request(msg_id, env.method, _params(env.params))  # type: ignore[arg-type]
+            return Notification(env.method, _params(env.params))
+        return Request(msg_id, env.method, _params(env.params))
     if env.id is not UNSET and (env.result is UNSET) != (env.error is UNSET):
         error = None if env.error is UNSET else env.error
-        return Response(msg_id, _params(env.result), error)  # type: ignore[arg-type]
+        return Response(msg_id, _params(env.result), error)
     return _invalid(msg_id, ErrorCode.INVALID_REQUEST, "invalid request: no method")
 
 
@@ -276,7 +280,7 @@ class Connection:
             if isinstance(frame, FramingError):
                 self._broken = True
                 return frame
-            if frame is NEED_DATA:
+            if not isinstance(frame, bytes):
                 return CLOSED if self._eof else NEED_DATA
             if frame.strip(_WHITESPACE):
                 return decode_body(frame)

@@ -25,7 +25,9 @@ class MethodSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params_decoder", msgspec.json.Decoder(self.params))
-        decoder = msgspec.json.Decoder(self.result) if self.result is not None else None
+        decoder: msgspec.json.Decoder[Any] | None = (
+            msgspec.json.Decoder(self.result) if self.result is not None else None
+        )
         object.__setattr__(self, "result_decoder", decoder)
 
 
