@@ -164,18 +164,19 @@ class _Envelope(msgspec.Struct):
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder()
+# msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 inside a string.
+_UNPARSEABLE = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+# U+2028/U+2029 are legal raw inside JSON strings, but str.splitlines(), JavaScript and many
+# line-oriented tools treat them as line breaks; escaping keeps one message per line for them.
+_LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
 def _invalid(id: Id, code: ErrorCode, message: str) -> Invalid:
     return Invalid(id, ErrorObject(int(code), message))
 
 
-def _salvage_id(raw: bytes) -> Id:
+def _salvage_id(obj: object) -> Id:
     """The id of a malformed request, if it has a usable one, so the error can name it."""
-    try:
-        obj = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return None
     if isinstance(obj, dict):
         value = obj.get("id")
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
@@ -192,8 +193,14 @@ def decode_message(raw: bytes) -> Message:
     try:
         env = _envelope_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        return _invalid(_salvage_id(raw), ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
-    except (msgspec.DecodeError, RecursionError) as exc:
+        # The typed decode can stop at a bad field before reaching a syntax error further on;
+        # a parse error takes precedence, else salvage the id.
+        try:
+            obj = msgspec.json.decode(raw)
+        except _UNPARSEABLE as parse_exc:
+            return _invalid(None, ErrorCode.PARSE_ERROR, f"parse error: {parse_exc}")
+        return _invalid(_salvage_id(obj), ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
+    except _UNPARSEABLE as exc:
         return _invalid(None, ErrorCode.PARSE_ERROR, f"parse error: {exc}")
     msg_id: Id = None if env.id is UNSET else env.id
     if env.jsonrpc != "2.0":
@@ -221,7 +228,7 @@ def decode_body(body: bytes) -> Message | Batch:
         return decode_message(body)
     try:
         items = _batch_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except _UNPARSEABLE as exc:
         return _invalid(None, ErrorCode.PARSE_ERROR, f"parse error: {exc}")
     if not items:
         return _invalid(None, ErrorCode.INVALID_REQUEST, "invalid request: empty batch")
@@ -266,6 +273,9 @@ class Connection:
 
     def send(self, message: OutMessage | list[OutMessage]) -> bytes:
         body = _encoder.encode(message)
+        if b"\xe2\x80" in body:  # the shared UTF-8 prefix of U+2000..U+203F
+            for raw, escaped in _LINE_SEPARATORS:
+                body = body.replace(raw, escaped)
         if self._framing is Framing.LSP:
             return b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         return body + b"\n"

@@ -66,6 +66,8 @@ def decode_params(method: str, params: msgspec.Raw | None) -> Any:
         raise RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}") from None
     except msgspec.DecodeError as exc:  # not reachable for a Raw cut from valid JSON
         raise RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 only when it decodes a string
+        raise RpcError(ErrorCode.PARSE_ERROR, f"parse error in params: {exc}") from None
 
 
 def decode_result(method: str, result: msgspec.Raw | bytes) -> Any:
