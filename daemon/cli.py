@@ -1,0 +1,154 @@
+"""The `mlxd` command: serve, generate, status, and the service commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mlxd.rpc import SocketPathTooLong, default_socket_path
+
+__all__ = ["main"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import anyio
+
+    from .config import Config, parse_bytes
+    from .lifecycle import SocketSetupError, run_daemon
+    from .logs import configure_logging
+
+    configure_logging(args.log_level)
+    config = Config(
+        model=args.model,
+        socket=Path(args.socket).expanduser().absolute(),
+        backend=args.backend,
+        drain_timeout_s=args.drain_timeout,
+        max_queue=args.max_queue,
+        kv_bits=args.kv_bits,
+        prefill_step_size=args.prefill_chunk,
+        max_batch=args.max_batch,
+    )
+    if args.kv_budget:
+        config.kv_budget_bytes = parse_bytes(args.kv_budget)
+    if args.disk_budget:
+        config.disk_budget_bytes = parse_bytes(args.disk_budget)
+    if args.state_dir:
+        config.state_dir = Path(args.state_dir).expanduser().absolute()
+    try:
+        anyio.run(lambda: run_daemon(config), backend=args.backend)
+    except (SocketSetupError, SocketPathTooLong) as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from mlxd.client import Client
+
+    return Client(args.socket)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mlxd.client import RpcError
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    try:
+        with _client(args) as client:
+            stream = client.stream(args.prompt, session=args.session, **sampling)
+            for delta in stream:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            result = stream.result
+    except (RpcError, ConnectionError) as exc:
+        print(f"\nmlxd: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    if result is not None and args.verbose:
+        usage, timings = result.usage, result.timings
+        print(
+            f"[{usage.prompt_tokens} prompt tokens ({usage.cached_tokens} cached), "
+            f"{usage.completion_tokens} generated, ttft {timings.ttft_ms:.0f} ms, "
+            f"{timings.tokens_per_s:.1f} tok/s, {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from mlxd.client import RpcError
+
+    try:
+        with _client(args) as client:
+            status = client.status()
+    except (RpcError, ConnectionError) as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(msgspec.to_builtins(status), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlxd.launchd import add_service_commands
+
+    parser = argparse.ArgumentParser(prog="mlxd", description="A local LLM inference sidecar.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    socket_default = str(default_socket_path())
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--model",
+        default="builtin:tiny",
+        help="builtin:tiny, builtin:small, a model folder or a hub id",
+    )
+    serve.add_argument("--socket", default=socket_default)
+    serve.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    serve.add_argument("--drain-timeout", type=float, default=20.0, metavar="SECONDS")
+    serve.add_argument(
+        "--kv-budget", help="memory for KV caches, e.g. 4G (default: a quarter of RAM, at most 8G)"
+    )
+    serve.add_argument("--disk-budget", help="disk for saved sessions, e.g. 20G")
+    serve.add_argument(
+        "--kv-bits", type=int, choices=[0, 4, 8], default=0, help="quantize saved session caches"
+    )
+    serve.add_argument("--max-queue", type=int, default=64)
+    serve.add_argument("--max-batch", type=int, default=32)
+    serve.add_argument(
+        "--prefill-chunk", type=int, default=256, help="prompt tokens per engine step"
+    )
+    serve.add_argument("--state-dir", help="where sessions are saved")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="stream a completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--socket", default=socket_default)
+    gen.add_argument("--session")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings")
+    gen.set_defaults(func=_generate)
+
+    status = sub.add_parser("status", help="print the daemon's status as JSON")
+    status.add_argument("--socket", default=socket_default)
+    status.set_defaults(func=_status)
+
+    add_service_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

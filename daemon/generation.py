@@ -1,0 +1,201 @@
+"""The `generate` method: tokenize, admit, resume the session, stream deltas, one reply.
+
+Updates from the engine are coalesced while the client is slow to read, so the engine
+never waits for a socket and memory stays bounded by the request's own output.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from mlxd import rpc
+
+from .engine import Job, Outcome, Update
+from .server import RequestContext
+
+if TYPE_CHECKING:
+    from .service import Daemon
+
+__all__ = ["generate"]
+
+
+class _Pending:
+    """Updates delivered by the engine and not yet sent to the client."""
+
+    def __init__(self, want_logprobs: bool) -> None:
+        self.text: list[str] = []
+        self.tokens: list[int] = []
+        self.logprobs: list[float] | None = [] if want_logprobs else None
+        self.outcome: Outcome | None = None
+        self.coalesced = 0  # updates merged because the client had not read the last
+        self._event = anyio.Event()
+        self._waiting = 0
+
+    def push(self, update: Update) -> None:
+        if self.text or self.tokens:
+            self.coalesced += 1
+        if update.text:
+            self.text.append(update.text)
+        self.tokens.extend(update.tokens)
+        if self.logprobs is not None and update.logprobs:
+            self.logprobs.extend(update.logprobs)
+        if update.outcome is not None:
+            self.outcome = update.outcome
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+    def take(self) -> tuple[str, list[int], list[float] | None]:
+        text, tokens, lps = "".join(self.text), self.tokens, self.logprobs
+        self.text, self.tokens = [], []
+        self.logprobs = [] if lps is not None else None
+        return text, tokens, lps
+
+
+def _usage(outcome: Outcome) -> rpc.Usage:
+    return rpc.Usage(outcome.prompt_tokens, outcome.cached_tokens, len(outcome.tokens))
+
+
+def _timings(outcome: Outcome, t_arrival: float) -> rpc.Timings:
+    total = outcome.t_end - t_arrival
+    decode = outcome.t_end - (outcome.t_first or outcome.t_end)
+    rate = (len(outcome.tokens) - 1) / decode if decode > 0 and len(outcome.tokens) > 1 else 0.0
+    return rpc.Timings(
+        queued_ms=round((outcome.t_start - t_arrival) * 1000, 3),
+        ttft_ms=round(((outcome.t_first or outcome.t_end) - t_arrival) * 1000, 3),
+        total_ms=round(total * 1000, 3),
+        tokens_per_s=round(rate, 2),
+    )
+
+
+async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestContext) -> Any:
+    t_arrival = time.perf_counter()
+    prompt = await daemon.encode(params.prompt, params.messages)
+    if not prompt:
+        raise rpc.RpcError(rpc.ErrorCode.INVALID_PARAMS, "the prompt encodes to no tokens")
+    requested = len(prompt) + params.max_tokens
+    limit = daemon.model.context_length
+    if requested > limit:
+        raise rpc.RpcError(
+            rpc.ErrorCode.CONTEXT_TOO_LONG,
+            f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+            f"model's context of {limit} tokens",
+            {"limit": limit, "requested": requested},
+        )
+    ctx.summary.update(session=params.session, prompt_tokens=len(prompt))
+    session = daemon.sessions.open(params.session) if params.session else None
+    if session is not None:
+        await session.turn.acquire()
+    turn_passed = False
+    try:
+        held = daemon.sessions.detach_blocks(session) if session is not None else None
+        try:
+            reservation = await daemon.pool.reserve(requested, daemon.sessions.make_room, held)
+        except BaseException:
+            if session is not None:
+                daemon.sessions.attach_blocks(session, held)
+            raise
+        try:
+            cache, cached = (None, 0)
+            if session is not None:
+                cache, cached = await daemon.sessions.checkout(session, prompt)
+        except BaseException:
+            reservation.release()
+            raise
+        pending = _Pending(params.logprobs)
+
+        def deliver(update: Update) -> None:
+            pending.push(update)
+            outcome = update.outcome
+            if outcome is None:
+                return
+            # Runs even when the client is gone: the session and pool stay consistent.
+            daemon.pool.mean_hold_s = 0.9 * daemon.pool.mean_hold_s + 0.1 * (
+                outcome.t_end - outcome.t_start
+            )
+            if session is not None:
+                daemon.sessions.commit(session, outcome.cache, outcome.cache_tokens, reservation)
+                session.turn.release()
+            else:
+                reservation.release()
+
+        job = Job(
+            prompt=prompt,
+            max_tokens=params.max_tokens,
+            deliver=deliver,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            seed=params.seed,
+            stop=list(params.stop),
+            logprobs=params.logprobs,
+            prefix_cache=cache,
+            cached=cached,
+            keep_cache=session is not None,
+            t_arrival=t_arrival,
+        )
+        daemon.engine.submit(job)
+        turn_passed = True
+    finally:
+        if session is not None and not turn_passed:
+            session.turn.release()
+    ctx.cancel_hook = lambda: daemon.engine.cancel(job)
+    return await _follow(daemon, params, ctx, job, pending, t_arrival)
+
+
+async def _follow(
+    daemon: Daemon,
+    params: rpc.GenerateParams,
+    ctx: RequestContext,
+    job: Job,
+    pending: _Pending,
+    t_arrival: float,
+) -> rpc.GenerateResult:
+    try:
+        while True:
+            await pending.wait()
+            text, tokens, lps = pending.take()
+            if params.stream and (text or tokens):
+                delta = rpc.GenerateDelta(
+                    ctx.id,  # type: ignore[arg-type]
+                    text,
+                    tokens,
+                    lps if lps is not None else msgspec.UNSET,
+                )
+                await ctx.notify(rpc.DELTA_NOTIFICATION, delta)
+            if pending.outcome is not None:
+                break
+    finally:
+        if pending.outcome is None:
+            daemon.engine.cancel(job)  # we are being cancelled: free the sequence
+    outcome = pending.outcome
+    usage = _usage(outcome)
+    ctx.summary.update(
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        finish=outcome.finish_reason,
+        coalesced=pending.coalesced,
+    )
+    if outcome.finish_reason == "cancelled":
+        data = rpc.CancelledData(outcome.text, usage)
+        raise rpc.RpcError(rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled", data)
+    if outcome.finish_reason == "error":
+        raise rpc.RpcError(rpc.ErrorCode.INTERNAL_ERROR, f"generation failed: {outcome.error}")
+    timings = _timings(outcome, t_arrival)
+    ctx.summary.update(ttft_ms=timings.ttft_ms, tokens_per_s=timings.tokens_per_s)
+    return rpc.GenerateResult(
+        text=outcome.text,
+        finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
+        usage=usage,
+        timings=timings,
+        session=params.session,
+        tokens=outcome.tokens,
+        logprobs=outcome.logprobs if outcome.logprobs is not None else msgspec.UNSET,
+    )

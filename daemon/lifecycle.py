@@ -1,0 +1,184 @@
+"""Running the daemon: a private socket, one instance, signals, and a bounded drain.
+
+SIGTERM (launchd's stop) or the `shutdown` method: stop accepting, refuse new requests
+with ShuttingDown, let in-flight requests finish until the drain deadline, cancel the rest
+with a reply, persist every hot session in a shielded scope, remove the socket, exit 0.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import structlog
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+
+from mlxd.rpc import check_socket_path
+
+from .config import Config
+from .service import Daemon
+
+__all__ = ["AlreadyRunning", "SocketSetupError", "prepare_socket", "run_daemon"]
+
+log = structlog.get_logger("mlxd")
+
+
+class SocketSetupError(RuntimeError):
+    """The socket cannot be created safely; the message says why and what to do."""
+
+
+class AlreadyRunning(SocketSetupError):
+    pass
+
+
+def _private_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise SocketSetupError(f"{folder} belongs to uid {info.st_uid}, not to you ({os.getuid()})")
+    if info.st_mode & 0o077:
+        try:
+            folder.chmod(0o700)
+        except OSError as exc:
+            raise SocketSetupError(
+                f"{folder} is open to others and cannot be made private: {exc}"
+            ) from exc
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def prepare_socket(path: Path) -> Iterator[socket.socket]:
+    """A bound, listening, private Unix socket at `path`, owned by this process alone."""
+    raw = check_socket_path(path)
+    _private_folder(path.parent)
+    lock_path = path.with_name(path.name + ".lock")
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"another mlxd is already serving {path}") from None
+        os.ftruncate(lock_fd, 0)
+        os.write(lock_fd, f"{os.getpid()}\n".encode())
+        if path.exists() or path.is_symlink():
+            if _answers(path):  # held no lock, yet answers: not ours to replace
+                raise AlreadyRunning(f"something already answers on {path}")
+            log.warning("replacing a stale socket", socket=raw)
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # born 0600: no window where others may connect
+        try:
+            sock.bind(raw)
+        finally:
+            os.umask(old_umask)
+        sock.listen(128)
+        try:
+            yield sock
+        finally:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+    finally:
+        os.close(lock_fd)
+
+
+def peer_uid(stream: SocketStream) -> int | None:
+    sock: socket.socket = stream.extra(SocketAttribute.raw_socket)
+    try:
+        if sys.platform == "darwin":
+            # getpeereid(): LOCAL_PEERCRED (0x1) at SOL_LOCAL (0) gives a struct xucred.
+            data = sock.getsockopt(0, 0x1, 76)
+            return int(struct.unpack_from("=I", data, 4)[0])
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", data)[1])
+    except OSError:
+        return None
+
+
+async def _accept(daemon: Daemon, stream: SocketStream) -> None:
+    uid = peer_uid(stream)
+    if uid is not None and uid != os.getuid():
+        log.warning("refused a connection from another user", peer_uid=uid)
+        await stream.aclose()
+        return
+    await daemon.server.serve_stream(stream)
+
+
+async def _watch_signals(daemon: Daemon) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if daemon.shutdown_requested.is_set():
+                log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
+                os._exit(128 + signum)
+            log.info("signal: draining", signal=signal.Signals(signum).name)
+            daemon.shutdown_requested.set()
+
+
+async def drain(daemon: Daemon, timeout: float) -> None:
+    """Finish or cancel every request, then persist every session, each within a bound."""
+    daemon.state = "draining"
+    with anyio.move_on_after(timeout):
+        await daemon.server.wait_idle()
+    if daemon.server.inflight:
+        log.warning("drain deadline: cancelling requests", count=len(daemon.server.inflight))
+        daemon.server.cancel_all()
+        with anyio.move_on_after(5.0):
+            await daemon.server.wait_idle()
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(daemon.config.persist_timeout_s) as scope,
+    ):
+        saved = await daemon.sessions.save_all()
+    log.info("sessions persisted", saved=saved, timed_out=scope.cancelled_caught)
+
+
+async def run_daemon(
+    config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    daemon = Daemon(config)
+    with prepare_socket(config.socket) as sock:
+        await daemon.start()
+        try:
+            # The listener owns a duplicate: prepare_socket closes and unlinks the original.
+            listener = await SocketListener.from_socket(sock.dup())
+            async with anyio.create_task_group() as tg:
+                accepting = anyio.CancelScope()
+
+                async def serve_connections() -> None:
+                    with accepting:
+                        async with listener:
+                            await listener.serve(lambda s: _accept(daemon, s), task_group=tg)
+
+                tg.start_soon(serve_connections)
+                tg.start_soon(_watch_signals, daemon)
+                log.info("serving", socket=str(config.socket), pid=os.getpid())
+                task_status.started(config.socket)
+                await daemon.shutdown_requested.wait()
+                accepting.cancel()  # stop accepting; open connections stay until drained
+                timeout = daemon.shutdown_drain_s
+                await drain(daemon, config.drain_timeout_s if timeout is None else timeout)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await daemon.close()
+    log.info("stopped")

@@ -1,0 +1,161 @@
+"""The KV block pool: admission by blocks of tokens, a bounded FIFO queue, busy refusals.
+
+A request reserves ceil((prompt + max_tokens) / block_tokens) blocks; a hot session holds
+the blocks of its cached tokens. A request that does not fit first asks `make_room`
+(which spills idle sessions to disk), then waits in a bounded FIFO queue; a full queue
+is refused at once with ServerBusy, and a request larger than the whole pool with
+ContextTooLong. Nothing waits forever without being counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+
+from mlxd import rpc
+
+__all__ = ["BlockPool", "Reservation"]
+
+
+@dataclass(eq=False)
+class Reservation:
+    blocks: int
+    pool: BlockPool
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._give_back(self.blocks)
+
+    def resize(self, blocks: int) -> None:
+        """Shrink (or grow, unchecked) to `blocks`: a session keeping what it caches."""
+        delta = blocks - self.blocks
+        self.blocks = blocks
+        if delta < 0:
+            self.pool._give_back(-delta)
+        else:
+            self.pool.used += delta
+
+
+@dataclass(eq=False)
+class _Waiter:
+    blocks: int
+    event: anyio.Event
+
+
+class BlockPool:
+    def __init__(self, total_blocks: int, block_tokens: int = 256, max_queue: int = 64) -> None:
+        self.total = max(1, total_blocks)
+        self.block_tokens = block_tokens
+        self.max_queue = max_queue
+        self.used = 0
+        self._queue: deque[_Waiter] = deque()
+        self.admitted = 0
+        self.rejected = 0
+        self.mean_hold_s = 0.5  # running estimate, for retry_after_ms
+
+    def blocks_for(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.block_tokens))
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def utilization(self) -> float:
+        return self.used / self.total
+
+    def try_reserve(self, blocks: int) -> Reservation | None:
+        if blocks <= self.free and not self._queue:
+            self.used += blocks
+            return Reservation(blocks, self)
+        return None
+
+    async def reserve(
+        self,
+        tokens: int,
+        make_room: Callable[[int], Awaitable[None]] | None = None,
+        held: Reservation | None = None,
+    ) -> Reservation:
+        """Blocks for `tokens`, or ServerBusy / ContextTooLong at once.
+
+        `held` (a session's blocks, about to become part of this request) counts toward
+        the need and is absorbed into the result; on an error it is left as it was.
+        """
+        blocks = self.blocks_for(tokens)
+        if held is not None:
+            extra = await self._reserve_blocks(max(0, blocks - held.blocks), tokens, make_room)
+            held.resize(held.blocks + extra.blocks if blocks > held.blocks else blocks)
+            extra.blocks, extra.released = 0, True
+            return held
+        return await self._reserve_blocks(blocks, tokens, make_room)
+
+    async def _reserve_blocks(
+        self,
+        blocks: int,
+        tokens: int,
+        make_room: Callable[[int], Awaitable[None]] | None,
+    ) -> Reservation:
+        if blocks == 0:
+            return Reservation(0, self)
+        if blocks > self.total:
+            self.rejected += 1
+            raise rpc.RpcError(
+                rpc.ErrorCode.CONTEXT_TOO_LONG,
+                f"request needs {blocks} blocks of {self.block_tokens} tokens; "
+                f"the whole pool has {self.total}",
+                {"limit": self.total * self.block_tokens, "requested": tokens},
+            )
+        reservation = self.try_reserve(blocks)
+        if reservation is None and make_room is not None and not self._queue:
+            await make_room(blocks - self.free)
+            reservation = self.try_reserve(blocks)
+        if reservation is not None:
+            self.admitted += 1
+            return reservation
+        return await self._wait(blocks)
+
+    async def _wait(self, blocks: int) -> Reservation:
+        if len(self._queue) >= self.max_queue:
+            self.rejected += 1
+            raise rpc.RpcError(
+                rpc.ErrorCode.SERVER_BUSY,
+                f"server busy: {len(self._queue)} requests queued (limit {self.max_queue})",
+                {"retry_after_ms": self.retry_after_ms(), "queue_depth": len(self._queue)},
+            )
+        waiter = _Waiter(blocks, anyio.Event())
+        self._queue.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.event.is_set():
+                self._give_back(blocks)  # granted while being cancelled
+            else:
+                self._queue.remove(waiter)
+                self._wake()  # a smaller request behind us may fit now
+            raise
+        self.admitted += 1
+        return Reservation(blocks, self)
+
+    def retry_after_ms(self) -> int:
+        return int(max(50, self.mean_hold_s * 1000 * max(1, len(self._queue)) / 4))
+
+    def _give_back(self, blocks: int) -> None:
+        self.used = max(0, self.used - blocks)
+        self._wake()
+
+    def _wake(self) -> None:
+        # Strict FIFO: the head waits until it fits; nobody jumps the queue.
+        while self._queue and self._queue[0].blocks <= self.free:
+            waiter = self._queue.popleft()
+            self.used += waiter.blocks
+            waiter.event.set()

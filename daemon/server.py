@@ -1,0 +1,341 @@
+"""The JSON-RPC server: one task per connection and per request over any byte stream.
+
+Each request runs in its own cancel scope. `$/cancelRequest` cancels it (a generate hooks
+that to remove its sequence from the batch), a closed connection cancels all of its
+requests, and every request gets exactly one response, whatever happens to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import select
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+
+from mlxd import rpc
+
+__all__ = ["Handler", "RequestContext", "RpcServer"]
+
+log = structlog.get_logger("mlxd.server")
+_conn_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """What a method handler may know of its request and its connection."""
+
+    id: int | str | None
+    method: str
+    connection_id: int
+    notify: Callable[[str, Any], Awaitable[None]]
+    cancel_hook: Callable[[], None] | None = None  # replaces the default scope cancel
+    cancel_requested: bool = False
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    summary: dict[str, Any] = field(default_factory=dict)  # extra fields for the request's log line
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        if self.cancel_hook is not None:
+            self.cancel_hook()
+        else:
+            self.scope.cancel()
+
+
+Handler = Callable[[Any, RequestContext], Awaitable[Any]]
+
+
+class _Writer:
+    """Serialises writes to one connection; a failed write marks it closed, never raises."""
+
+    def __init__(self, stream: ByteStream, codec: rpc.Connection) -> None:
+        self._stream = stream
+        self._codec = codec
+        self._lock = anyio.Lock()
+        self.closed = False
+        self.unanswered = 0  # requests and batches read but not yet replied to
+
+    async def send(self, message: Any) -> None:
+        if self.closed:
+            return
+        data = self._codec.send(message)
+        async with self._lock:
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self.closed = True
+
+
+class RpcServer:
+    """Routes messages to handlers; `serve_stream` runs one connection to its end."""
+
+    def __init__(
+        self,
+        handlers: dict[str, Handler],
+        *,
+        max_frame_bytes: int = rpc.DEFAULT_MAX_FRAME_BYTES,
+        idle_frame_timeout_s: float = 30.0,
+        max_inflight_per_connection: int = 64,
+        refuse: Callable[[str], rpc.RpcError | None] | None = None,
+    ) -> None:
+        self.handlers = handlers
+        self.max_frame_bytes = max_frame_bytes
+        self.idle_frame_timeout_s = idle_frame_timeout_s
+        self.max_inflight = max_inflight_per_connection
+        self.refuse = refuse  # e.g. ShuttingDown while draining
+        self.connections = 0
+        self.inflight: set[RequestContext] = set()  # every connection's requests, for drain
+        self._idle_waiters: list[anyio.Event] = []
+        self._conn_waiters: list[anyio.Event] = []
+        self.on_request_done: Callable[[RequestContext, str, float], None] | None = None
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight on any connection."""
+        while self.inflight:
+            waiter = anyio.Event()
+            self._idle_waiters.append(waiter)
+            await waiter.wait()
+
+    def cancel_all(self) -> None:
+        """Cancel every request in flight; each still gets its reply (-32800)."""
+        for ctx in list(self.inflight):
+            ctx.cancel()
+
+    async def serve_stream(self, stream: ByteStream) -> None:
+        conn_id = next(_conn_ids)
+        codec = rpc.Connection(max_frame_bytes=self.max_frame_bytes)
+        writer = _Writer(stream, codec)
+        inflight: dict[int | str, RequestContext] = {}
+        self.connections += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                half_closed = await self._read_loop(stream, codec, writer, inflight, tg, conn_id)
+                if half_closed and not writer.closed:
+                    # The peer finished sending (`echo ... | socat`): answer, then close.
+                    await self._wait_connection_idle(writer)
+                tg.cancel_scope.cancel()  # the peer is gone: cancel what it asked for
+        finally:
+            self.connections -= 1
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _wait_connection_idle(self, writer: _Writer) -> None:
+        while writer.unanswered and not writer.closed:
+            waiter = anyio.Event()
+            self._conn_waiters.append(waiter)
+            await waiter.wait()
+
+    def _answered(self, writer: _Writer) -> None:
+        writer.unanswered -= 1
+        for waiter in self._conn_waiters:  # connections waiting to close re-check
+            waiter.set()
+        self._conn_waiters.clear()
+
+    async def _read_loop(
+        self,
+        stream: ByteStream,
+        codec: rpc.Connection,
+        writer: _Writer,
+        inflight: dict[int | str, RequestContext],
+        tg: TaskGroup,
+        conn_id: int,
+    ) -> bool:
+        """Read until the peer stops; True if it only half-closed (it still reads replies)."""
+        eof = False
+        while not writer.closed:
+            event = codec.next_event()
+            if event is rpc.NEED_DATA:
+                timeout = self.idle_frame_timeout_s if codec.pending_bytes else None
+                with anyio.move_on_after(timeout) as idle:
+                    try:
+                        data = await stream.receive(65536)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        data = b""
+                if idle.cancelled_caught:
+                    log.info("closing connection: partial frame idle", conn=conn_id)
+                    return False
+                eof = not data
+                codec.receive_data(data)
+            elif event is rpc.CLOSED:
+                return eof and not _hung_up(stream)
+            elif isinstance(event, rpc.FramingError):
+                await writer.send(rpc.error_response(None, event.error))
+                return False
+            elif isinstance(event, rpc.Batch):
+                writer.unanswered += 1
+                tg.start_soon(self._run_batch, event, writer, inflight, conn_id)
+            else:
+                await self._route(event, writer, inflight, tg, conn_id)
+        return False
+
+    async def _route(
+        self,
+        message: rpc.Message,
+        writer: _Writer,
+        inflight: dict[int | str, RequestContext],
+        tg: TaskGroup,
+        conn_id: int,
+    ) -> None:
+        if isinstance(message, rpc.Invalid):
+            await writer.send(rpc.error_response(message.id, message.error))
+        elif isinstance(message, rpc.Notification):
+            self._notification(message, inflight)
+        elif isinstance(message, rpc.Request):
+            ctx = self._context(message, writer, conn_id)
+            if ctx.id is not None and ctx.id in inflight:
+                error = rpc.ErrorObject(rpc.ErrorCode.INVALID_REQUEST, f"id {ctx.id!r} is in use")
+                await writer.send(rpc.error_response(ctx.id, error))
+            elif len(inflight) >= self.max_inflight:
+                error = rpc.ErrorObject(
+                    rpc.ErrorCode.SERVER_BUSY,
+                    f"too many requests in flight on this connection (limit {self.max_inflight})",
+                    {"retry_after_ms": 100, "queue_depth": len(inflight)},
+                )
+                await writer.send(rpc.error_response(ctx.id, error))
+            else:
+                if ctx.id is not None:
+                    inflight[ctx.id] = ctx
+                writer.unanswered += 1
+                tg.start_soon(self._run_one, message, ctx, writer, inflight)
+        # A Response from a client has no request of ours to answer: ignore it.
+
+    def _notification(
+        self, message: rpc.Notification, inflight: dict[int | str, RequestContext]
+    ) -> None:
+        if message.method != "$/cancelRequest":
+            return  # unknown notifications are ignored, as JSON-RPC requires
+        try:
+            params = rpc.decode_params(message.method, message.params)
+        except rpc.RpcError:
+            return
+        ctx = inflight.get(params.id)
+        if ctx is not None:
+            ctx.cancel()
+
+    def _context(self, message: rpc.Request, writer: _Writer, conn_id: int) -> RequestContext:
+        async def notify(method: str, params: Any) -> None:
+            await writer.send(rpc.notification(method, params))
+
+        return RequestContext(message.id, message.method, conn_id, notify)
+
+    async def _run_one(
+        self,
+        message: rpc.Request,
+        ctx: RequestContext,
+        writer: _Writer,
+        inflight: dict[int | str, RequestContext],
+    ) -> None:
+        try:
+            reply = await self.call(message, ctx)
+            if reply is not None:
+                await writer.send(reply)
+        finally:
+            if ctx.id is not None:
+                inflight.pop(ctx.id, None)
+            self._answered(writer)
+
+    async def _run_batch(
+        self,
+        batch: rpc.Batch,
+        writer: _Writer,
+        inflight: dict[int | str, RequestContext],
+        conn_id: int,
+    ) -> None:
+        replies: list[Any] = []
+
+        async def one(message: rpc.Message) -> None:
+            if isinstance(message, rpc.Invalid):
+                replies.append(rpc.error_response(message.id, message.error))
+            elif isinstance(message, rpc.Notification):
+                self._notification(message, inflight)
+            elif isinstance(message, rpc.Request):
+                ctx = self._context(message, writer, conn_id)
+                if ctx.id is not None:
+                    inflight.setdefault(ctx.id, ctx)
+                try:
+                    reply = await self.call(message, ctx)
+                finally:
+                    if ctx.id is not None and inflight.get(ctx.id) is ctx:
+                        del inflight[ctx.id]
+                if reply is not None:
+                    replies.append(reply)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for message in batch.items:
+                    tg.start_soon(one, message)
+            if replies:  # a batch of only notifications gets no reply at all
+                await writer.send(replies)
+        finally:
+            self._answered(writer)
+
+    async def call(self, message: rpc.Request, ctx: RequestContext) -> Any:
+        """Run one request to its single response (None for none: the peer is gone)."""
+        outcome = "error"
+        started = time.perf_counter()
+        self.inflight.add(ctx)
+        try:
+            with ctx.scope:
+                try:
+                    refusal = self.refuse(message.method) if self.refuse else None
+                    if refusal is not None:
+                        raise refusal
+                    params = rpc.decode_params(message.method, message.params)
+                    handler = self.handlers.get(message.method)
+                    if handler is None:  # in the table but not served here
+                        raise rpc.RpcError(rpc.ErrorCode.METHOD_NOT_FOUND, message.method)
+                    result = await handler(params, ctx)
+                    outcome = "ok"
+                    return rpc.response(ctx.id, result)
+                except rpc.RpcError as exc:
+                    outcome = rpc.ErrorCode(exc.code).name.lower() if _known(exc.code) else "error"
+                    return rpc.error_response(ctx.id, exc.to_object())
+                except anyio.get_cancelled_exc_class():
+                    if not ctx.cancel_requested:
+                        raise
+                    outcome = "cancelled"
+                    error = rpc.ErrorObject(rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled")
+                    return rpc.error_response(ctx.id, error)
+                except (msgspec.ValidationError, ValueError, TypeError) as exc:
+                    logging.getLogger(__name__).debug("bad request", exc_info=True)
+                    error = rpc.ErrorObject(rpc.ErrorCode.INVALID_PARAMS, str(exc))
+                    return rpc.error_response(ctx.id, error)
+                except Exception as exc:
+                    log.exception("handler failed", method=message.method, id=ctx.id)
+                    error = rpc.ErrorObject(rpc.ErrorCode.INTERNAL_ERROR, f"internal error: {exc}")
+                    return rpc.error_response(ctx.id, error)
+            return None  # cancelled by the connection closing: nobody to answer
+        finally:
+            self.inflight.discard(ctx)
+            if not self.inflight:
+                for waiter in self._idle_waiters:
+                    waiter.set()
+                self._idle_waiters.clear()
+            if self.on_request_done is not None:
+                self.on_request_done(ctx, outcome, (time.perf_counter() - started) * 1000)
+
+
+def _hung_up(stream: ByteStream) -> bool:
+    """Did the peer close both directions (gone), rather than only its sending side?"""
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is None:
+        return False  # not a socket (stdio): EOF means the peer is done
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0))
+    events = dict(poller.poll(0)).get(sock.fileno(), 0)
+    return bool(events & (select.POLLHUP | select.POLLERR))
+
+
+def _known(code: int) -> bool:
+    try:
+        rpc.ErrorCode(code)
+    except ValueError:
+        return False
+    return True

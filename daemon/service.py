@@ -1,0 +1,291 @@
+"""The daemon: model, engine, pool, sessions and the method handlers, wired together."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import sniffio
+import structlog
+
+import mlxd
+from mlxd import rpc
+
+from . import BLAS
+from .bridge import LoopBridge
+from .config import Config
+from .engine import Engine, Job, Update
+from .generation import generate
+from .model import LoadedModel, load_model
+from .pool import BlockPool
+from .server import RequestContext, RpcServer
+from .sessions import ModelShape, SessionStore
+
+__all__ = ["Daemon"]
+
+log = structlog.get_logger("mlxd")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # macOS: the peak is the best the stdlib offers
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class Daemon:
+    """One model, one engine, many connections. Create and `start()` inside the event loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.state = "ok"  # "ok" | "draining"
+        self.totals = rpc.Totals()
+        self.engine: Engine = None  # type: ignore[assignment]
+        self.bridge: LoopBridge = None  # type: ignore[assignment]
+        self.model: LoadedModel = None  # type: ignore[assignment]
+        self.pool: BlockPool = None  # type: ignore[assignment]
+        self.sessions: SessionStore = None  # type: ignore[assignment]
+        self.shutdown_requested = anyio.Event()
+        self.shutdown_drain_s: float | None = None
+        self.server = RpcServer(
+            self._handlers(),
+            max_frame_bytes=config.max_frame_bytes,
+            idle_frame_timeout_s=config.idle_frame_timeout_s,
+            max_inflight_per_connection=config.max_inflight_per_connection,
+            refuse=self._refuse,
+        )
+        self.server.on_request_done = self._request_done
+
+    # -- start-up -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.bridge = LoopBridge()
+        self.engine = Engine(
+            self._emit,
+            prefill_step_size=self.config.prefill_step_size,
+            max_batch=self.config.max_batch,
+        )
+        self.engine.start()
+        await self._load(self.config.model)
+        log.info(
+            "model loaded",
+            model=self.model.id,
+            fingerprint=self.model.fingerprint[:16],
+            blas=BLAS,
+            pool_blocks=self.pool.total,
+            kv_budget=self.config.kv_budget_bytes,
+        )
+
+    async def _load(self, spec: str) -> None:
+        cache_dir = self.config.cache_dir
+
+        def load() -> LoadedModel:
+            loaded = load_model(spec, cache_dir)
+            self.engine.set_model(loaded.model, loaded.tokenizer)
+            return loaded
+
+        self.model = await self.on_engine(load)
+        per_block = self.model.kv_bytes_per_token * self.config.block_tokens
+        self.pool = BlockPool(
+            self.config.kv_budget_bytes // per_block,
+            self.config.block_tokens,
+            self.config.max_queue,
+        )
+        shape = ModelShape(
+            self.model.fingerprint,
+            self.model.num_layers,
+            self.model.kv_heads,
+            self.model.head_dim,
+            self.model.dtype,
+        )
+        self.sessions = SessionStore(
+            self.config.state_dir,
+            shape,
+            self.pool,
+            self.on_engine,
+            disk_budget_bytes=self.config.disk_budget_bytes,
+            kv_bits=self.config.kv_bits,
+        )
+        await self.sessions.load_index()
+
+    async def on_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread (MLX streams are thread-local) and await it."""
+        return await self.bridge.run(fn, self.engine.call)
+
+    def _emit(self, updates: list[tuple[Job, Update]]) -> None:
+        def deliver() -> None:
+            for job, update in updates:
+                job.deliver(update)
+
+        self.bridge.post(deliver)
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await anyio.to_thread.run_sync(self.engine.stop, 30.0)
+
+    # -- requests -------------------------------------------------------------------
+
+    def _refuse(self, method: str) -> rpc.RpcError | None:
+        if self.state == "draining" and method not in ("status", "initialize", "models/current"):
+            return rpc.RpcError(rpc.ErrorCode.SHUTTING_DOWN, "mlxd is shutting down")
+        return None
+
+    def _request_done(self, ctx: RequestContext, outcome: str, elapsed_ms: float) -> None:
+        totals = self.totals
+        totals.requests += 1
+        if outcome == "ok":
+            totals.completed += 1
+        elif outcome in ("request_cancelled", "cancelled"):
+            totals.cancelled += 1
+        elif outcome in ("server_busy", "shutting_down", "context_too_long"):
+            totals.rejected += 1
+        else:
+            totals.errors += 1
+        if ctx.method != "status" or outcome != "ok":
+            log.info(
+                "request",
+                method=ctx.method,
+                id=ctx.id,
+                conn=ctx.connection_id,
+                outcome=outcome,
+                total_ms=round(elapsed_ms, 2),
+                **ctx.summary,
+            )
+
+    async def encode(self, text: str | None, messages: list[rpc.ChatMessage] | None) -> list[int]:
+        tokenizer = self.model.tokenizer
+
+        def run() -> list[int]:
+            if messages is not None:
+                chat = [{"role": m.role, "content": m.content} for m in messages]
+                rendered = tokenizer.apply_chat_template(
+                    chat, add_generation_prompt=True, tokenize=False
+                )
+                return list(tokenizer.encode(rendered, add_special_tokens=False))
+            return list(tokenizer.encode(text))
+
+        # Tokenizers are not MLX: a worker thread keeps long prompts off the event loop.
+        return await anyio.to_thread.run_sync(run)
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "initialize": self.initialize,
+            "generate": lambda p, ctx: generate(self, p, ctx),
+            "tokenize": self.tokenize,
+            "models/current": self.models_current,
+            "status": self.status,
+            "shutdown": self.shutdown,
+            "sessions/list": self.sessions_list,
+            "sessions/get": self.sessions_get,
+            "sessions/delete": self.sessions_delete,
+            "sessions/fork": self.sessions_fork,
+            "sessions/save": self.sessions_save,
+        }
+
+    def model_info(self) -> rpc.ModelInfo:
+        m = self.model
+        return rpc.ModelInfo(
+            m.id, m.path, m.fingerprint, m.type, m.vocab_size, m.context_length, m.dtype
+        )
+
+    async def initialize(self, params: rpc.InitializeParams, ctx: RequestContext) -> Any:
+        if params.client is not None:
+            ctx.summary["client"] = f"{params.client.name}/{params.client.version}"
+        return rpc.InitializeResult(
+            server=rpc.ServerInfo("mlxd", mlxd.__version__),
+            protocol=rpc.PROTOCOL_VERSION,
+            model=self.model_info(),
+            capabilities=rpc.Capabilities(
+                methods=sorted(self.server.handlers),
+                framing=["ndjson", "lsp"],
+                max_frame_bytes=self.config.max_frame_bytes,
+            ),
+        )
+
+    async def tokenize(self, params: rpc.TokenizeParams, ctx: RequestContext) -> Any:
+        if params.messages is not None and not params.add_generation_prompt:
+            tokenizer = self.model.tokenizer
+            chat = [{"role": m.role, "content": m.content} for m in params.messages]
+
+            def run() -> list[int]:
+                text = tokenizer.apply_chat_template(
+                    chat, add_generation_prompt=False, tokenize=False
+                )
+                return list(tokenizer.encode(text, add_special_tokens=False))
+
+            tokens = await anyio.to_thread.run_sync(run)
+        else:
+            tokens = await self.encode(params.text, params.messages)
+        return rpc.TokenizeResult(tokens, len(tokens))
+
+    async def models_current(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
+        return self.model_info()
+
+    async def status(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
+        pool, engine = self.pool, self.engine
+        degraded = pool.utilization > 0.9 or pool.queue_depth > 0
+        state = "draining" if self.state == "draining" else ("degraded" if degraded else "ok")
+        ttft, itl = engine.ttft_ms.percentiles(), engine.itl_ms.percentiles()
+        return rpc.StatusResult(
+            state=state,  # type: ignore[arg-type]
+            model=self.model_info(),
+            uptime_s=round(time.monotonic() - self.started, 3),
+            pool=rpc.PoolStatus(
+                pool.block_tokens, pool.total, pool.used, round(pool.utilization, 4)
+            ),
+            queue=rpc.QueueStatus(pool.queue_depth, pool.max_queue),
+            active=engine.active,
+            sessions=self.sessions.tier_status(),
+            latency_ms=rpc.LatencyStatus(rpc.Percentiles(*ttft), rpc.Percentiles(*itl)),
+            totals=self.totals,
+            memory=rpc.MemoryStatus(_rss_bytes(), engine.mlx_active_bytes, engine.mlx_cache_bytes),
+            connections=self.server.connections,
+            details={
+                "blas": BLAS,
+                "backend": sniffio.current_async_library(),
+                "pid": os.getpid(),
+                "python": sys.version.split()[0],
+                "engine_steps": engine.steps,
+                "sessions_spilled": self.sessions.spilled,
+                "sessions_restored": self.sessions.restored,
+                "sessions_quarantined": self.sessions.quarantined,
+                "disk_errors": list(self.sessions.disk_errors),
+                "socket": str(self.config.socket),
+            },
+        )
+
+    async def shutdown(self, params: rpc.ShutdownParams, ctx: RequestContext) -> Any:
+        self.shutdown_drain_s = params.drain_timeout_s
+        self.shutdown_requested.set()
+        return rpc.EmptyResult()
+
+    async def sessions_list(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
+        infos = [s.info() for s in self.sessions.sessions.values() if s.token_count or s.turn.busy]
+        return rpc.SessionsListResult(sorted(infos, key=lambda i: i.session))
+
+    async def sessions_get(self, params: rpc.SessionParams, ctx: RequestContext) -> Any:
+        return self.sessions.get(params.session).info()
+
+    async def sessions_delete(self, params: rpc.SessionParams, ctx: RequestContext) -> Any:
+        return rpc.SessionsDeleteResult(await self.sessions.delete(params.session))
+
+    async def sessions_fork(self, params: rpc.SessionForkParams, ctx: RequestContext) -> Any:
+        return (await self.sessions.fork(params.session, params.new_session)).info()
+
+    async def sessions_save(self, params: rpc.SessionSaveParams, ctx: RequestContext) -> Any:
+        if params.session is None:
+            return rpc.SessionSaveResult(await self.sessions.save_all())
+        session = self.sessions.get(params.session)
+        await session.turn.acquire()
+        try:
+            saved = await self.sessions.save(session)
+        finally:
+            session.turn.release()
+        return rpc.SessionSaveResult(int(saved))

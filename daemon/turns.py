@@ -1,0 +1,45 @@
+"""A FIFO turn per session: its requests run one at a time, in order of arrival.
+
+Unlike a lock, a turn can be passed on from any code on the event loop: a generate hands
+its turn to the engine's outcome callback, so a request whose client vanished still
+records its session's cache before the next turn starts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import anyio
+
+__all__ = ["Turn"]
+
+
+class Turn:
+    def __init__(self) -> None:
+        self.busy = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if not self.busy and not self._waiters:
+            self.busy = True
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # handed the turn while leaving: pass it on
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # ownership passes straight to the next waiter
+        else:
+            self.busy = False

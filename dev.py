@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Set up and run mlxd from a checkout, needing only Python 3.11+ and pip.
+
+    python3 dev.py serve [mlxd serve options]   # serve the built-in model on the default socket
+    python3 dev.py test [pytest options]        # run the test suite
+    python3 dev.py lint                         # ruff and mypy
+    python3 dev.py bench [bench options]        # the benchmarks (bench/README.md)
+
+The first run makes .venv/ and installs the project with its extras; on Linux it also
+installs OpenBLAS (30x faster float32 matmul than the BLAS in the mlx wheel) and the
+tools the tests use (socat, neovim, systemd) with apt-get when it runs as root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".mlxd-installed"
+APT_PACKAGES = {"libopenblas0-pthread": None, "socat": "socat", "neovim": "nvim", "systemd": "systemd-analyze"}
+
+
+def _say(message: str) -> None:
+    print(f"dev.py: {message}", file=sys.stderr, flush=True)
+
+
+def _have_openblas() -> bool:
+    return any(Path(p).exists() for p in (
+        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+        "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+        "/usr/lib64/libopenblas.so.0",
+    ))
+
+
+def system_packages() -> None:
+    """Debian packages the daemon and tests use, where this user may install them."""
+    if not sys.platform.startswith("linux") or shutil.which("apt-get") is None:
+        return
+    missing = [
+        pkg for pkg, tool in APT_PACKAGES.items()
+        if (tool is None and not _have_openblas()) or (tool is not None and shutil.which(tool) is None)
+    ]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        _say(f"not root: install these for full speed and the whole suite: sudo apt-get install {' '.join(missing)}")
+        return
+    _say(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+    result = subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=False, env=env
+    )
+    if result.returncode != 0:
+        _say("apt-get failed; the daemon still runs, more slowly, and some tests will say what is missing")
+
+
+def python_env() -> None:
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted and PY.exists():
+        return
+    if not PY.exists():
+        _say("creating .venv")
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    _say("installing mlxd with its daemon, dev and bench extras into .venv")
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[daemon,dev,bench]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("serve", "test", "lint", "bench", "setup"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    system_packages()
+    python_env()
+    if command == "setup":
+        return 0
+    if command == "serve":
+        cmd = [str(PY), "-m", "mlxd.daemon", "serve", *rest]
+    elif command == "test":
+        cmd = [str(PY), "-m", "pytest", *rest]
+    elif command == "bench":
+        cmd = [str(PY), str(ROOT / "bench" / "run.py"), *rest]
+    else:
+        for check in ([str(BIN / "ruff"), "check", "."], [str(BIN / "ruff"), "format", "--check", "."],
+                      [str(BIN / "mypy"), "rpc", "daemon", "clients/python", "launchd"]):
+            if subprocess.run(check, cwd=ROOT).returncode != 0:
+                return 1
+        return 0
+    os.chdir(ROOT)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

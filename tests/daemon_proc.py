@@ -1,0 +1,155 @@
+"""Start the daemon as a user would (a process on a real socket) and wait until it serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = ["DaemonProcess", "short_tmpdir"]
+
+
+def short_tmpdir() -> Path:
+    """A folder short enough for a socket path (sun_path is 104-108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="mlxd-t", dir="/tmp"))
+
+
+class DaemonProcess:
+    def __init__(
+        self,
+        folder: Path,
+        cache_dir: Path,
+        *args: str,
+        model: str = "builtin:tiny",
+        backend: str = "asyncio",
+        state_dir: Path | None = None,
+    ) -> None:
+        self.folder = folder
+        self.socket = folder / "d.sock"
+        self.state_dir = state_dir or folder / "state"
+        self.cache_dir = cache_dir
+        self.args = [
+            "--model", model, "--backend", backend, "--socket", str(self.socket),
+            "--state-dir", str(self.state_dir), "--log-level", "debug", *args,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 120.0) -> DaemonProcess:
+        env = dict(os.environ, MLXD_CACHE_DIR=str(self.cache_dir), PYTHONUNBUFFERED="1")
+        env.pop("MLXD_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxd.daemon", "serve", *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            self.kill()
+            raise RuntimeError("daemon did not start:\n" + "\n".join(self.lines[-40:]))
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if '"serving"' in line:
+                self._ready.set()
+        self._ready.set()  # the process ended: let start() report it
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        found = []
+        for line in list(self.lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+        return found
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.wait(10)
+
+
+class RawConnection:
+    """A bare JSON-RPC connection for tests that need to see every byte and message."""
+
+    def __init__(self, path: Path, framing: object = None, timeout: float = 60.0) -> None:
+        import socket
+
+        from mlxd import rpc
+
+        self.rpc = rpc
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.codec = rpc.Connection(framing=framing or rpc.Framing.NDJSON)
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, message: object) -> None:
+        self.sock.sendall(self.codec.send(message))  # type: ignore[arg-type]
+
+    def request(self, id: int | str, method: str, params: object = None) -> None:
+        from msgspec import UNSET
+
+        self.send(self.rpc.request(id, method, UNSET if params is None else params))
+
+    def next(self) -> object:
+        while True:
+            event = self.codec.next_event()
+            if event is not self.rpc.NEED_DATA:
+                return event
+            data = self.sock.recv(65536)
+            self.codec.receive_data(data)
+
+    def reply(self, id: int | str) -> object:
+        """The response to `id`, skipping notifications and other replies."""
+        while True:
+            event = self.next()
+            if event is self.rpc.CLOSED:
+                raise ConnectionError("closed before the reply")
+            if isinstance(event, self.rpc.Response) and event.id == id:
+                return event
+
+    def close(self) -> None:
+        self.sock.close()
