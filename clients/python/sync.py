@@ -1,0 +1,411 @@
+"""The blocking client: one Unix socket, one outstanding call at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Unpack, cast
+
+from msgspec import UNSET
+
+from mlxd.rpc import (
+    CLOSED,
+    NEED_DATA,
+    Batch,
+    CancelParams,
+    ClientInfo,
+    Connection,
+    EmptyParams,
+    ErrorCode,
+    Framing,
+    FramingError,
+    GenerateDelta,
+    GenerateResult,
+    InitializeParams,
+    InitializeResult,
+    Message,
+    ModelInfo,
+    ModelsSwapParams,
+    Response,
+    SessionForkParams,
+    SessionInfo,
+    SessionParams,
+    SessionSaveParams,
+    ShutdownParams,
+    StatusResult,
+    TokenizeResult,
+    notification,
+    request,
+)
+
+from ._common import (
+    CANCEL,
+    GENERATE,
+    RECV_BYTES,
+    ChatInput,
+    Sampling,
+    client_info,
+    delta_of,
+    generate_params,
+    result_of,
+    socket_path,
+    tokenize_params,
+)
+from .errors import ConnectionClosed, DaemonNotRunning, ProtocolError
+
+__all__ = ["Client", "GenerateStream"]
+
+
+@dataclass(eq=False)
+class _StreamState:
+    """What the client and a GenerateStream share; holds no reference back to the stream."""
+
+    id: int
+    done: bool = False
+    cancelled: bool = False
+    result: GenerateResult | None = None
+
+
+class Client:
+    """A blocking mlxd client over the daemon's Unix socket.
+
+    One call at a time: methods wait for their reply and must not be called concurrently
+    from several threads. `cancel()` is the exception: another thread may call it to
+    cancel a request this one is waiting on. Notifications and late replies for other
+    request ids are skipped. `timeout` (seconds) applies to each socket operation.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        framing: Framing = Framing.NDJSON,
+        timeout: float | None = None,
+    ) -> None:
+        self.path = socket_path(path)
+        self._conn = Connection(framing)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self._sock.close()
+            raise DaemonNotRunning(self.path) from exc
+        except BaseException:
+            self._sock.close()
+            raise
+        self._ids = itertools.count(1)
+        self._inbox: deque[Message] = deque()
+        self._send_lock = threading.Lock()
+        self._reading = False
+        self._open_stream: _StreamState | None = None
+        self._closed_reason: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = "the client closed the connection"
+        if self._open_stream is not None:
+            self._open_stream.done = True
+            self._open_stream = None
+        self._sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    # -- calls -------------------------------------------------------------------------
+
+    def call(self, method: str, params: Any = None) -> Any:
+        """Send one request and return its typed result; raise its error as an RpcError.
+
+        `params` is a params Struct, a dict, or None. A method the protocol table does not
+        know returns plain JSON values.
+        """
+        self._finish_open_stream()
+        request_id = self._send_request(method, params)
+        try:
+            reply = self._wait_reply(request_id)
+        except BaseException:
+            # A timeout or Ctrl-C: stop the work; its late reply will be skipped.
+            if method == GENERATE:
+                self._send_quietly(notification(CANCEL, CancelParams(request_id)))
+            raise
+        return result_of(method, reply)
+
+    def cancel(self, request_id: int | str) -> None:
+        """Ask mlxd to cancel a request; it then replies -32800 (RequestCancelled)."""
+        self._send(notification(CANCEL, CancelParams(request_id)))
+
+    def initialize(self, *, client: ClientInfo | None = None) -> InitializeResult:
+        params = InitializeParams(client=client or client_info())
+        result: InitializeResult = self.call("initialize", params)
+        return result
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatInput] | None = None,
+        session: str | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> GenerateResult:
+        params = generate_params(prompt, messages, session, sampling, stream=False)
+        result: GenerateResult = self.call(GENERATE, params)
+        return result
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatInput] | None = None,
+        session: str | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> GenerateStream:
+        """Generate with streaming: iterate the deltas; `.result` holds the final result.
+
+        Leaving early (break, close(), garbage collection, an exception) cancels the
+        request and consumes its final reply, so the client stays usable.
+        """
+        params = generate_params(prompt, messages, session, sampling, stream=True)
+        self._finish_open_stream()
+        state = _StreamState(self._send_request(GENERATE, params))
+        self._open_stream = state
+        return GenerateStream(self, state)
+
+    def tokenize(
+        self,
+        text: str | None = None,
+        *,
+        messages: Sequence[ChatInput] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> TokenizeResult:
+        params = tokenize_params(text, messages, add_generation_prompt)
+        result: TokenizeResult = self.call("tokenize", params)
+        return result
+
+    def status(self) -> StatusResult:
+        result: StatusResult = self.call("status", EmptyParams())
+        return result
+
+    def sessions_list(self) -> list[SessionInfo]:
+        sessions: list[SessionInfo] = self.call("sessions/list", EmptyParams()).sessions
+        return sessions
+
+    def sessions_get(self, session: str) -> SessionInfo:
+        result: SessionInfo = self.call("sessions/get", SessionParams(session))
+        return result
+
+    def sessions_delete(self, session: str) -> bool:
+        deleted: bool = self.call("sessions/delete", SessionParams(session)).deleted
+        return deleted
+
+    def sessions_fork(self, session: str, new_session: str) -> SessionInfo:
+        result: SessionInfo = self.call("sessions/fork", SessionForkParams(session, new_session))
+        return result
+
+    def sessions_save(self, session: str | None = None) -> int:
+        saved: int = self.call("sessions/save", SessionSaveParams(session)).saved
+        return saved
+
+    def models_current(self) -> ModelInfo:
+        result: ModelInfo = self.call("models/current", EmptyParams())
+        return result
+
+    def models_swap(self, model: str, *, drain_timeout_s: float | None = None) -> ModelInfo:
+        result: ModelInfo = self.call("models/swap", ModelsSwapParams(model, drain_timeout_s))
+        return result
+
+    def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
+        self.call("shutdown", ShutdownParams(drain_timeout_s))
+
+    # -- streams -----------------------------------------------------------------------
+
+    def _next_delta(self, state: _StreamState) -> GenerateDelta | None:
+        """The stream's next delta; None once its final reply has been read (or raised)."""
+        if state.done:
+            return None
+        message = self._wait_for(state.id)
+        if isinstance(message, GenerateDelta):
+            return message
+        self._settle(state, message, raise_error=True)
+        return None
+
+    def _close_stream(self, state: _StreamState, *, from_gc: bool = False) -> None:
+        """Cancel an unfinished stream and read up to its final reply."""
+        if state.done or self.closed:
+            return
+        if from_gc and self._reading:
+            return  # collected in the middle of a read: the next call finishes it
+        state.done = True  # even if draining fails below: its late reply is then skipped
+        if self._open_stream is state:
+            self._open_stream = None
+        self._send(notification(CANCEL, CancelParams(state.id)))
+        reply = self._wait_reply(state.id)
+        self._settle(state, reply, raise_error=False)
+
+    def _finish_open_stream(self) -> None:
+        if self._open_stream is not None:
+            self._close_stream(self._open_stream)
+
+    def _settle(self, state: _StreamState, reply: Response, *, raise_error: bool) -> None:
+        state.done = True
+        if self._open_stream is state:
+            self._open_stream = None
+        if reply.error is not None and reply.error.code == ErrorCode.REQUEST_CANCELLED:
+            state.cancelled = True
+        try:
+            state.result = result_of(GENERATE, reply)
+        except Exception:
+            if raise_error:
+                raise
+
+    # -- wire --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed_reason is not None:
+            raise ConnectionClosed(
+                f"connection to mlxd at {self.path} is closed: {self._closed_reason}"
+            )
+
+    def _send_request(self, method: str, params: Any) -> int:
+        self._check_open()
+        request_id = next(self._ids)
+        self._send(request(request_id, method, UNSET if params is None else params))
+        return request_id
+
+    def _send(self, message: Any) -> None:
+        self._check_open()
+        data = self._conn.send(message)
+        with self._send_lock:
+            try:
+                self._sock.sendall(data)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                raise self._fail(ConnectionClosed, f"sending to mlxd failed: {exc}") from exc
+
+    def _send_quietly(self, message: Any) -> None:
+        with contextlib.suppress(OSError):  # ConnectionClosed and timeouts too: best effort
+            self._send(message)
+
+    def _wait_reply(self, request_id: int) -> Response:
+        while True:
+            message = self._wait_for(request_id)
+            if isinstance(message, Response):
+                return message
+
+    def _wait_for(self, request_id: int) -> GenerateDelta | Response:
+        """The next delta or reply for `request_id`, skipping everything else."""
+        while True:
+            message = self._read()
+            if isinstance(message, Response):
+                # id null: mlxd could not parse what we sent; only one call is outstanding.
+                if message.id == request_id or (message.id is None and message.error):
+                    return message
+                continue  # the late reply of an abandoned call
+            delta = delta_of(message)
+            if delta is not None and delta.id == request_id:
+                return delta
+
+    def _read(self) -> Message:
+        self._reading = True
+        try:
+            while not self._inbox:
+                self._read_event()
+            return self._inbox.popleft()
+        finally:
+            self._reading = False
+
+    def _read_event(self) -> None:
+        event = self._conn.next_event()
+        if event is NEED_DATA:
+            self._check_open()
+            try:
+                data = self._sock.recv(RECV_BYTES)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                raise self._fail(ConnectionClosed, f"connection to mlxd lost: {exc}") from exc
+            self._conn.receive_data(data)
+        elif event is CLOSED:
+            raise self._fail(ConnectionClosed, f"mlxd at {self.path} closed the connection")
+        elif isinstance(event, FramingError):
+            raise self._fail(ProtocolError, f"mlxd sent invalid framing: {event.error.message}")
+        elif isinstance(event, Batch):
+            self._inbox.extend(event.items)
+        else:
+            self._inbox.append(cast(Message, event))  # the sentinels were handled above
+
+    def _fail(self, kind: type[ConnectionError], reason: str) -> ConnectionError:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self.close()
+        return kind(reason)
+
+
+class GenerateStream(Iterator[GenerateDelta]):
+    """The deltas of one streaming `generate`; `.result` is set once the final reply is read."""
+
+    def __init__(self, client: Client, state: _StreamState) -> None:
+        self._client = client
+        self._state = state
+
+    @property
+    def id(self) -> int:
+        return self._state.id
+
+    @property
+    def result(self) -> GenerateResult | None:
+        """The final result; None until the stream ends, or if it was cancelled."""
+        return self._state.result
+
+    @property
+    def cancelled(self) -> bool:
+        return self._state.cancelled
+
+    def __iter__(self) -> GenerateStream:
+        return self
+
+    def __next__(self) -> GenerateDelta:
+        delta = self._client._next_delta(self._state)
+        if delta is None:
+            raise StopIteration
+        return delta
+
+    def close(self) -> None:
+        """Cancel the request if it is still running and read its final reply."""
+        self._client._close_stream(self._state)
+
+    def __enter__(self) -> GenerateStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # too late to report; the next call retries
+            self._client._close_stream(self._state, from_gc=True)
