@@ -1,0 +1,616 @@
+"""Session KV caches on disk: mlx-lm caches <-> numpy snapshots <-> validated safetensors files.
+
+Two halves, for the daemon's two threads. `snapshot`, `restore`, `quantize_cache`,
+`dequantize_cache` and `cache_nbytes` call MLX and run on the engine thread; they turn a
+list of mlx-lm `KVCache` (one per layer) into a `Snapshot` of plain numpy arrays and back.
+Everything else only does file I/O and numpy, and runs on the writer thread.
+
+A file is an ordinary safetensors file. Tensors are `layers.{i}.keys` / `layers.{i}.values`
+of shape [1, kv_heads, n_tokens, head_dim], or for a quantized snapshot
+`layers.{i}.keys.weight|scales|biases` (and the same for values) as `mx.quantize` returns
+them. numpy has no bfloat16, so bfloat16 data is carried as its raw uint16 bits (storage
+dtype U16) and the `dtype` metadata says how to read it back; restoring is bit-exact.
+Every metadata value is a string: format, version, fingerprint, session, tokens (a JSON
+list), n_tokens, dtype, num_layers, kv_bits, group_size and checksum.
+
+The checksum is sha256 over every other metadata item (so the token list, fingerprint and
+layout are covered) followed by every tensor's name, dtype, shape and bytes in sorted name
+order. Files are trusted only after `read_snapshot` has checked the header against the
+file size, the metadata against the model, every tensor's shape, and the checksum; the
+reader never instantiates anything a file names (unlike mlx-lm's `load_prompt_cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import mlx.core as mx
+import numpy as np
+import safetensors.numpy
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+__all__ = [
+    "FORMAT",
+    "GROUP_SIZE",
+    "VERSION",
+    "CacheFileError",
+    "Snapshot",
+    "cache_nbytes",
+    "compute_checksum",
+    "dequantize_cache",
+    "fsync_dir",
+    "quantize_cache",
+    "quarantine",
+    "read_metadata",
+    "read_snapshot",
+    "remove_temp_files",
+    "restore",
+    "snapshot",
+    "write_snapshot",
+]
+
+FORMAT = "mlxd-kv"
+VERSION = "1"
+GROUP_SIZE = 64  # mx.quantize's default; head_dim is a multiple of it for common models
+KV_BITS = (0, 4, 8)
+TEMP_SUFFIX = ".tmp"
+
+_METADATA_KEYS = (
+    "format",
+    "version",
+    "fingerprint",
+    "session",
+    "tokens",
+    "n_tokens",
+    "dtype",
+    "num_layers",
+    "kv_bits",
+    "group_size",
+    "checksum",
+)
+# The token list lives in the header, so the cap must fit long contexts (~8 bytes a
+# token); it exists so a garbage length cannot make us allocate gigabytes.
+_MAX_HEADER = 64 * 1024 * 1024
+_WRITE_CHUNK = 8 * 1024 * 1024
+
+# numpy dtype <-> safetensors dtype code, for the only dtypes our files contain.
+_ST_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "U16": np.dtype("<u2"),  # bfloat16 bits
+    "U32": np.dtype("<u4"),  # packed quantized weights
+}
+_ST_CODE = {dt: code for code, dt in _ST_DTYPES.items()}
+_MODEL_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "U16"}
+
+
+class CacheFileError(ValueError):
+    """A cache file that must not be used; `reason` says why, for logs and `.reason` files."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+@dataclass
+class Snapshot:
+    """A session's KV cache as plain numpy arrays: what crosses from engine to writer thread."""
+
+    tokens: list[int]
+    arrays: dict[str, np.ndarray]
+    kv_bits: int  # 0 = unquantized, else 8 or 4
+    group_size: int  # quantization group size; 0 when unquantized
+    dtype: str  # the model's activation dtype: float32, float16 or bfloat16
+    num_layers: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+# --------------------------------------------------------------------------------------
+# Engine thread: MLX <-> numpy
+# --------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in _MODEL_DTYPES:
+        raise ValueError(f"unsupported KV cache dtype {name}")
+    return name
+
+
+def _to_numpy(x: mx.array) -> np.ndarray:
+    if x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
+    return np.ascontiguousarray(np.array(x))
+
+
+def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
+    x = mx.array(a)
+    # uint16 in a bfloat16 snapshot are bfloat16 bits (see the module docstring).
+    if dtype == "bfloat16" and a.dtype == np.uint16:
+        x = x.view(mx.bfloat16)
+    return x
+
+
+def _names(i: int, kv_bits: int) -> list[str]:
+    if kv_bits == 0:
+        return [f"layers.{i}.keys", f"layers.{i}.values"]
+    return [f"layers.{i}.{kv}.{part}" for kv in ("keys", "values") for part in _QPARTS]
+
+
+_QPARTS = ("weight", "scales", "biases")
+
+
+def _layer_parts(c: Any, n: int, kv_bits: int, group_size: int) -> tuple[str, list[mx.array]]:
+    keys, values = c.keys, c.values
+    if isinstance(c, QuantizedKVCache):  # keys, values: [weight, scales, biases]
+        return _dtype_name(keys[1].dtype), [x[..., :n, :] for x in (*keys, *values)]
+    k, v = keys[..., :n, :], values[..., :n, :]
+    if not kv_bits:
+        return _dtype_name(k.dtype), [k, v]
+    parts = [
+        *mx.quantize(k, group_size=group_size, bits=kv_bits),
+        *mx.quantize(v, group_size=group_size, bits=kv_bits),
+    ]
+    return _dtype_name(k.dtype), parts
+
+
+def _dequantize(parts: Sequence[mx.array], group_size: int, bits: int) -> mx.array:
+    w, scales, biases = parts
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+
+
+def snapshot(cache: Sequence[Any], tokens: Sequence[int], kv_bits: int = 0) -> Snapshot:
+    """Copy the first len(tokens) positions of every layer into numpy (engine thread).
+
+    `cache` is a list of mlx-lm `KVCache`, quantized first when kv_bits is 4 or 8, or a
+    list of `QuantizedKVCache` (from `quantize_cache`), stored as it is.
+    """
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS}, not {kv_bits}")
+    if not cache:
+        raise ValueError("empty cache list")
+    n = len(tokens)
+    quantized = isinstance(cache[0], QuantizedKVCache)
+    group_size = 0
+    if quantized:
+        bits, group_size = cache[0].bits, cache[0].group_size
+        if kv_bits not in (0, bits):
+            raise ValueError(f"cache is {bits}-bit quantized; cannot store it as {kv_bits}-bit")
+        kv_bits = bits
+    elif kv_bits:
+        group_size = GROUP_SIZE
+    kind = QuantizedKVCache if quantized else KVCache
+    pending: dict[str, mx.array] = {}
+    dtype = ""
+    for i, c in enumerate(cache):
+        if type(c) is not kind:
+            # Rotating and SSM caches are not prefix caches: their state is not
+            # "the first n positions", so they cannot be reused this way.
+            raise TypeError(f"layer {i}: cannot snapshot a {type(c).__name__}")
+        if c.offset != n or c.keys is None:
+            raise ValueError(f"layer {i} holds {c.offset} tokens, the token list has {n}")
+        dtype, parts = _layer_parts(c, n, kv_bits, group_size)
+        pending.update(zip(_names(i, kv_bits), parts, strict=True))
+    mx.eval(*pending.values())  # one evaluation for all layers, not one per array
+    arrays = {name: _to_numpy(x) for name, x in pending.items()}
+    return Snapshot(list(tokens), arrays, kv_bits, group_size, dtype, len(cache))
+
+
+def _kv_cache(keys: mx.array, values: mx.array, offset: int) -> KVCache:
+    c = KVCache()
+    c.keys, c.values, c.offset = keys, values, offset
+    return c
+
+
+def restore(snap: Snapshot) -> list[KVCache]:
+    """Fresh mlx-lm `KVCache`s holding the snapshot (engine thread).
+
+    Quantized snapshots are dequantized to the model dtype, so the result is always a plain
+    `KVCache` that mlx-lm's BatchGenerator can merge.
+    """
+    n = snap.n_tokens
+    if n == 0:
+        return [KVCache() for _ in range(snap.num_layers)]
+    out = []
+    for i in range(snap.num_layers):
+        xs = [_to_mx(snap.arrays[name], snap.dtype) for name in _names(i, snap.kv_bits)]
+        if snap.kv_bits:
+            gs, bits = snap.group_size, snap.kv_bits
+            xs = [_dequantize(xs[:3], gs, bits), _dequantize(xs[3:], gs, bits)]
+        out.append(_kv_cache(xs[0], xs[1], n))
+    # Pay the copy here rather than in the first decode step, and let numpy memory go.
+    mx.eval(*[a for c in out for a in (c.keys, c.values)])
+    return out
+
+
+def quantize_cache(
+    cache: Sequence[Any], bits: int, group_size: int = GROUP_SIZE
+) -> list[QuantizedKVCache]:
+    """Quantize hot caches to keep in memory; only the `offset` valid positions are kept."""
+    out = []
+    for c in cache:
+        q: Any = QuantizedKVCache(group_size=group_size, bits=bits)
+        q.offset = c.offset
+        if c.keys is not None:
+            n = c.offset
+            q.keys = mx.quantize(c.keys[..., :n, :], group_size=group_size, bits=bits)
+            q.values = mx.quantize(c.values[..., :n, :], group_size=group_size, bits=bits)
+        out.append(q)
+    mx.eval([c.state[:2] for c in out if c.keys is not None])
+    return out
+
+
+def dequantize_cache(cache: Sequence[QuantizedKVCache]) -> list[KVCache]:
+    """Plain `KVCache`s (model dtype) from `quantize_cache` output, for BatchGenerator."""
+    out = []
+    for q in cache:
+        keys: Any = q.keys
+        values: Any = q.values
+        if keys is None:
+            out.append(KVCache())
+            continue
+        n, gs, bits = q.offset, q.group_size, q.bits
+        k, v = ([x[..., :n, :] for x in t] for t in (keys, values))
+        out.append(_kv_cache(_dequantize(k, gs, bits), _dequantize(v, gs, bits), n))
+    mx.eval(*[a for c in out if c.keys is not None for a in (c.keys, c.values)])
+    return out
+
+
+def cache_nbytes(cache: Sequence[Any]) -> int:
+    """Bytes the cache arrays occupy, allocated capacity included (what the pool pays)."""
+    return sum(0 if c.empty() else int(c.nbytes) for c in cache)
+
+
+# --------------------------------------------------------------------------------------
+# Writer thread: numpy <-> files
+# --------------------------------------------------------------------------------------
+
+
+def compute_checksum(metadata: Mapping[str, str], arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 hex over the metadata (checksum itself excluded) and the tensors, by name."""
+    h = hashlib.sha256(f"{FORMAT}/{VERSION}\n".encode())
+    # JSON-encoding each item keeps the fields unambiguous (no separator can be forged).
+    for key in sorted(metadata):
+        if key != "checksum":
+            h.update(json.dumps([key, metadata[key]]).encode() + b"\n")
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        code = _ST_CODE.get(a.dtype, a.dtype.str)
+        h.update(json.dumps([name, code, list(a.shape)]).encode() + b"\n")
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def _metadata(snap: Snapshot, fingerprint: str, session: str) -> dict[str, str]:
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "session": session,
+        "tokens": json.dumps(snap.tokens, separators=(",", ":")),
+        "n_tokens": str(snap.n_tokens),
+        "dtype": snap.dtype,
+        "num_layers": str(snap.num_layers),
+        "kv_bits": str(snap.kv_bits),
+        "group_size": str(snap.group_size),
+    }
+    meta["checksum"] = compute_checksum(meta, snap.arrays)
+    return meta
+
+
+def _full_fsync(fd: int) -> None:
+    # On macOS fsync() only reaches the drive's cache; F_FULLFSYNC asks it to flush.
+    # Some filesystems (network, FAT) reject it; plain fsync is the best they offer.
+    if hasattr(fcntl, "F_FULLFSYNC"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        _full_fsync(fd)
+    except OSError as e:
+        # Some filesystems cannot fsync a folder; the rename is as durable as they allow.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:_WRITE_CHUNK])
+        view = view[written:]
+
+
+def write_snapshot(path: Path, snap: Snapshot, *, fingerprint: str, session: str) -> int:
+    """Write `snap` to `path` atomically and durably (writer thread); returns bytes written.
+
+    On any error (ENOSPC, EIO...) the temp file is removed, the previous file at `path`
+    is untouched, and the OSError propagates.
+    """
+    path = Path(path)
+    data = safetensors.numpy.save(snap.arrays, metadata=_metadata(snap, fingerprint, session))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    # 0600 from creation: KV caches reveal the conversation, so never world-readable,
+    # not even between open() and a later chmod().
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        try:
+            _write_all(fd, data)
+            _full_fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return len(data)
+
+
+def _read_exact(f: BinaryIO, n: int, path: Path, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:  # the file shrank under us
+        raise CacheFileError(path, f"truncated: file ended inside the {what}")
+    return data
+
+
+@dataclass
+class _Header:
+    metadata: dict[str, str]
+    tensors: dict[str, tuple[str, list[int], int, int]]  # name -> (dtype, shape, begin, end)
+    data_start: int
+    data_len: int
+
+
+def _parse_header(f: BinaryIO, path: Path) -> _Header:
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise CacheFileError(path, f"not a safetensors file: only {size} bytes")
+    n = int.from_bytes(_read_exact(f, 8, path, "header length"), "little")
+    if 8 + n > size:
+        raise CacheFileError(
+            path, f"header length {n} points past the end of the file ({size} bytes)"
+        )
+    if n > _MAX_HEADER:
+        raise CacheFileError(path, f"header length {n} exceeds the {_MAX_HEADER}-byte limit")
+    try:
+        header = json.loads(_read_exact(f, n, path, "header"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CacheFileError(path, "garbage: the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CacheFileError(path, "garbage: the header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CacheFileError(path, "no string metadata in the header")
+    data_len = size - 8 - n
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_entry(path, name, entry, data_len)
+    covered = sorted((b, e) for _, _, b, e in tensors.values())
+    pos = 0
+    for b, e in covered:
+        if b != pos:
+            raise CacheFileError(path, f"tensor data overlaps or leaves a gap at byte {pos}")
+        pos = e
+    if pos != data_len:
+        raise CacheFileError(path, f"{data_len - pos} bytes after the last tensor")
+    return _Header(meta, tensors, 8 + n, data_len)
+
+
+def _tensor_entry(
+    path: Path, name: str, entry: Any, data_len: int
+) -> tuple[str, list[int], int, int]:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise CacheFileError(path, f"tensor {name!r}: malformed header entry") from None
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise CacheFileError(path, f"tensor {name!r}: unexpected dtype {dtype!r}")
+    ints = [*shape, begin, end] if isinstance(shape, list) else None
+    if ints is None or not all(type(x) is int and x >= 0 for x in ints):
+        raise CacheFileError(path, f"tensor {name!r}: malformed shape or offsets")
+    if end > data_len:
+        raise CacheFileError(
+            path, f"truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section"
+        )
+    if end - begin != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+        raise CacheFileError(path, f"tensor {name!r}: byte length does not match its shape")
+    return dtype, shape, begin, end
+
+
+def _check_format(path: Path, meta: Mapping[str, str]) -> None:
+    missing = [k for k in _METADATA_KEYS if k not in meta]
+    if missing:
+        raise CacheFileError(path, f"metadata lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise CacheFileError(path, f"not an mlxd KV cache (format {meta['format']!r})")
+    if meta["version"] != VERSION:
+        raise CacheFileError(path, f"unsupported version {meta['version']!r}")
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a cache file, reading only its header (start-up listing).
+
+    The header is checked against the file size and the format/version, not the data.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        meta = _parse_header(f, path).metadata
+    _check_format(path, meta)
+    return meta
+
+
+def _int(path: Path, meta: Mapping[str, str], key: str) -> int:
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise CacheFileError(path, f"metadata {key} is not an integer: {meta[key]!r}") from None
+
+
+def _parse_tokens(path: Path, meta: Mapping[str, str]) -> list[int]:
+    try:
+        tokens = json.loads(meta["tokens"])
+    except json.JSONDecodeError:
+        tokens = None
+    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+        raise CacheFileError(path, "metadata tokens is not a JSON list of token ids")
+    n_tokens = _int(path, meta, "n_tokens")
+    if n_tokens != len(tokens):
+        raise CacheFileError(path, f"n_tokens {n_tokens} but {len(tokens)} tokens listed")
+    return tokens
+
+
+def _expected(
+    num_layers: int, kv_heads: int, head_dim: int, n: int, dtype: str, bits: int, gs: int
+) -> dict[str, tuple[str, list[int]]]:
+    code = _MODEL_DTYPES[dtype]
+    if bits == 0:
+        per_layer = [(code, head_dim)] * 2
+    else:
+        per_layer = [
+            ("U32", head_dim * bits // 32),
+            (code, head_dim // gs),
+            (code, head_dim // gs),
+        ] * 2
+    out = {}
+    for i in range(num_layers):
+        for name, (c, last) in zip(_names(i, bits), per_layer, strict=True):
+            out[name] = (c, [1, kv_heads, n, last])
+    return out
+
+
+def read_snapshot(
+    path: Path, *, fingerprint: str, num_layers: int, kv_heads: int, head_dim: int, dtype: str
+) -> Snapshot:
+    """Read and fully validate a cache file for this model (writer thread).
+
+    Raises CacheFileError (with a reason) for anything unexpected, before any tensor is
+    used; OSError if the file cannot be read at all.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = _parse_header(f, path)
+        meta = head.metadata
+        _check_format(path, meta)
+        if meta["fingerprint"] != fingerprint:
+            raise CacheFileError(
+                path,
+                f"model fingerprint mismatch: file {meta['fingerprint'][:16]!r}, model {fingerprint[:16]!r}",
+            )
+        layers = _int(path, meta, "num_layers")
+        if layers != num_layers:
+            raise CacheFileError(path, f"file has {layers} layers, the model {num_layers}")
+        if meta["dtype"] != dtype or dtype not in _MODEL_DTYPES:
+            raise CacheFileError(path, f"file dtype {meta['dtype']!r}, model dtype {dtype!r}")
+        bits, gs = _int(path, meta, "kv_bits"), _int(path, meta, "group_size")
+        if bits not in KV_BITS or (bits and (gs not in (32, 64, 128) or head_dim % gs)):
+            raise CacheFileError(path, f"unsupported quantization kv_bits={bits} group_size={gs}")
+        tokens = _parse_tokens(path, meta)
+        _check_tensors(
+            path, head, _expected(num_layers, kv_heads, head_dim, len(tokens), dtype, bits, gs)
+        )
+        # Checked before reading the data, so a wrong file costs a header read, not a GB.
+        f.seek(head.data_start)
+        data = bytearray(head.data_len)
+        if f.readinto(data) != head.data_len:
+            raise CacheFileError(path, "truncated: file ended inside the tensor data")
+    arrays = {
+        name: _view(data, _ST_DTYPES[dt], shape, begin)
+        for name, (dt, shape, begin, _) in head.tensors.items()
+    }
+    if compute_checksum(meta, arrays) != meta["checksum"]:
+        raise CacheFileError(path, "checksum mismatch: the data is corrupt")
+    return Snapshot(tokens, arrays, bits, gs, dtype, num_layers)
+
+
+def _view(data: bytearray, dtype: np.dtype[Any], shape: list[int], begin: int) -> np.ndarray:
+    count = math.prod(shape)
+    if count == 0:  # frombuffer rejects an offset at the very end of the buffer
+        return np.zeros(shape, dtype)
+    return np.frombuffer(data, dtype, count, begin).reshape(shape)
+
+
+def _check_tensors(
+    path: Path, head: _Header, expected: Mapping[str, tuple[str, list[int]]]
+) -> None:
+    missing = sorted(expected.keys() - head.tensors.keys())
+    extra = sorted(head.tensors.keys() - expected.keys())
+    if missing or extra:
+        raise CacheFileError(path, f"tensor names: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, (code, shape) in expected.items():
+        dt, got, _, _ = head.tensors[name]
+        if dt != code:
+            raise CacheFileError(path, f"tensor {name!r} has dtype {dt}, expected {code}")
+        if got == shape:
+            continue
+        if len(got) == 4 and got[:2] + got[3:] == shape[:2] + shape[3:]:
+            raise CacheFileError(
+                path, f"tensor {name!r} holds {got[2]} tokens, metadata says {shape[2]}"
+            )
+        raise CacheFileError(path, f"tensor {name!r} has shape {got}, this model needs {shape}")
+
+
+def quarantine(path: Path, quarantine_dir: Path, reason: str) -> Path:
+    """Move a bad cache file into quarantine_dir with a `.reason` note; returns its new path."""
+    path, quarantine_dir = Path(path), Path(quarantine_dir)
+    quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = quarantine_dir / f"{path.name}.{stamp}.{secrets.token_hex(3)}"
+    try:
+        os.replace(path, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.move(path, dest)  # quarantine on another filesystem
+    note = dest.with_name(dest.name + ".reason")
+    fd = os.open(note, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"{path}\n{reason}\n")
+    return dest
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete `*.tmp` leftovers of writers that died mid-write; call at start-up only."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.endswith(TEMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
