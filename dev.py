@@ -26,7 +26,12 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".mlxd-installed"
-APT_PACKAGES = {"libopenblas0-pthread": None, "socat": "socat", "neovim": "nvim", "systemd": "systemd-analyze"}
+APT_PACKAGES = {
+    "libopenblas0-pthread": None,
+    "socat": "socat",
+    "neovim": "nvim",
+    "systemd": "systemd-analyze",
+}
 
 
 def _say(message: str) -> None:
@@ -34,11 +39,14 @@ def _say(message: str) -> None:
 
 
 def _have_openblas() -> bool:
-    return any(Path(p).exists() for p in (
-        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-        "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-        "/usr/lib64/libopenblas.so.0",
-    ))
+    return any(
+        Path(p).exists()
+        for p in (
+            "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+            "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+            "/usr/lib64/libopenblas.so.0",
+        )
+    )
 
 
 def system_packages() -> None:
@@ -46,22 +54,30 @@ def system_packages() -> None:
     if not sys.platform.startswith("linux") or shutil.which("apt-get") is None:
         return
     missing = [
-        pkg for pkg, tool in APT_PACKAGES.items()
-        if (tool is None and not _have_openblas()) or (tool is not None and shutil.which(tool) is None)
+        pkg
+        for pkg, tool in APT_PACKAGES.items()
+        if (tool is None and not _have_openblas())
+        or (tool is not None and shutil.which(tool) is None)
     ]
     if not missing:
         return
     if os.geteuid() != 0:
-        _say(f"not root: install these for full speed and the whole suite: sudo apt-get install {' '.join(missing)}")
+        _say(
+            f"not root: install these for full speed and the whole suite: sudo apt-get install {' '.join(missing)}"
+        )
         return
     _say(f"installing {' '.join(missing)} with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
     result = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=False, env=env
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        check=False,
+        env=env,
     )
     if result.returncode != 0:
-        _say("apt-get failed; the daemon still runs, more slowly, and some tests will say what is missing")
+        _say(
+            "apt-get failed; the daemon still runs, more slowly, and some tests will say what is missing"
+        )
 
 
 def python_env() -> None:
@@ -73,8 +89,29 @@ def python_env() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     _say("installing mlxd with its daemon, dev and bench extras into .venv")
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[daemon,dev,bench]"], check=True)
+    subprocess.run(
+        [str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[daemon,dev,bench]"], check=True
+    )
     STAMP.write_text(wanted)
+
+
+def mypy_tree() -> Path:
+    """mypy cannot follow setuptools' package-dir mapping: show it the `mlxd` package as
+    it is installed, as a tree of links to the folders in this checkout."""
+    tree = VENV / "mypy-src"
+    links = {
+        "__init__.py": "mlxd_pkg/__init__.py",
+        "rpc": "rpc",
+        "daemon": "daemon",
+        "client": "clients/python",
+        "launchd": "launchd",
+    }
+    (tree / "mlxd").mkdir(parents=True, exist_ok=True)
+    for name, target in links.items():
+        link = tree / "mlxd" / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / target)
+    return tree
 
 
 def main(argv: list[str]) -> int:
@@ -93,11 +130,16 @@ def main(argv: list[str]) -> int:
     elif command == "bench":
         cmd = [str(PY), str(ROOT / "bench" / "run.py"), *rest]
     else:
-        for check in ([str(BIN / "ruff"), "check", "."], [str(BIN / "ruff"), "format", "--check", "."],
-                      [str(BIN / "mypy"), "rpc", "daemon", "clients/python", "launchd"]):
-            if subprocess.run(check, cwd=ROOT).returncode != 0:
-                return 1
-        return 0
+        tree = mypy_tree()
+        checks = (
+            ([str(BIN / "ruff"), "check", "."], ROOT),
+            ([str(BIN / "ruff"), "format", "--check", "."], ROOT),
+            (
+                [str(BIN / "mypy"), "--config-file", str(ROOT / "pyproject.toml"), "-p", "mlxd"],
+                tree,
+            ),
+        )
+        return 1 if any(subprocess.run(cmd, cwd=cwd).returncode for cmd, cwd in checks) else 0
     os.chdir(ROOT)
     os.execv(cmd[0], cmd)
 

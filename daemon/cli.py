@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlxd.rpc import SocketPathTooLong, default_socket_path
+
+if TYPE_CHECKING:
+    from mlxd.client import Client
 
 __all__ = ["main"]
 
@@ -46,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _client(args: argparse.Namespace) -> Client:
     from mlxd.client import Client
 
     return Client(args.socket)

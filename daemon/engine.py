@@ -218,7 +218,7 @@ class Engine:
                 max_tokens=[job.max_tokens],
                 caches=[job.prefix_cache] if job.prefix_cache is not None else None,
                 all_tokens=[list(job.prompt[: job.cached])],
-                samplers=[sampler],
+                samplers=[sampler],  # type: ignore[list-item]  # None: the batch's greedy sampler
                 stop_sequences=[self._eos],
             )
         except Exception as exc:

@@ -103,7 +103,7 @@ def load_model(spec: str, cache_dir: Path) -> LoadedModel:
     """Load on the calling thread (the engine thread: MLX streams are thread-local)."""
     where = _resolve(spec, cache_dir)
     try:
-        model, tokenizer = mlx_lm.load(str(where))
+        model, tokenizer = mlx_lm.load(str(where))[:2]
     except Exception as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
     folder = Path(where) if isinstance(where, Path) else _local_folder(model, where)

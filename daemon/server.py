@@ -171,7 +171,7 @@ class RpcServer:
             elif isinstance(event, rpc.Batch):
                 writer.unanswered += 1
                 tg.start_soon(self._run_batch, event, writer, inflight, conn_id)
-            else:
+            elif isinstance(event, rpc.Request | rpc.Notification | rpc.Response | rpc.Invalid):
                 await self._route(event, writer, inflight, tg, conn_id)
         return False
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from mlxd.launchd import (
     LaunchdManager,
     ServiceConfig,
