@@ -9,6 +9,7 @@ boundary and frees the sequence's memory.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -117,6 +118,8 @@ class Engine:
         self.ttft_ms = LatencyWindow()
         self.itl_ms = LatencyWindow()
         self.steps = 0
+        # Fault injection for tests of the failure path: the next N steps raise.
+        self._faults = int(os.environ.get("MLXD_FAULT_ENGINE_STEPS", "0") or 0)
         self.mlx_active_bytes = 0
         self.mlx_cache_bytes = 0
 
@@ -257,6 +260,9 @@ class Engine:
         if not self._running:
             return False
         try:
+            if self._faults > 0:
+                self._faults -= 1
+                raise RuntimeError("injected engine fault (MLXD_FAULT_ENGINE_STEPS)")
             _, responses = self._generator().next()
         except Exception as exc:
             log.exception("batch step failed; failing %d running requests", len(self._running))

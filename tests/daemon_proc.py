@@ -28,7 +28,9 @@ class DaemonProcess:
         model: str = "builtin:tiny",
         backend: str = "asyncio",
         state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = env or {}
         self.folder = folder
         self.socket = folder / "d.sock"
         self.state_dir = state_dir or folder / "state"
@@ -44,6 +46,7 @@ class DaemonProcess:
 
     def start(self, timeout: float = 120.0) -> DaemonProcess:
         env = dict(os.environ, MLXD_CACHE_DIR=str(self.cache_dir), PYTHONUNBUFFERED="1")
+        env.update(self.extra_env)
         env.pop("MLXD_SOCKET", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlxd.daemon", "serve", *self.args],

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -218,8 +219,28 @@ def test_errors_leave_the_connection_usable(
     conn.close()
 
 
-def test_internal_error_is_reported_and_the_daemon_survives(daemon: DaemonProcess) -> None:
-    # A batch with one bad item: the good one is answered, the bad one gets its error.
+def test_engine_failure_is_an_internal_error_and_the_engine_recovers(
+    short_dir: Path, model_cache: Path
+) -> None:
+    proc = DaemonProcess(short_dir, model_cache, env={"MLXD_FAULT_ENGINE_STEPS": "1"}).start()
+    try:
+        conn = RawConnection(proc.socket)
+        conn.request(1, "generate", {"prompt": "fails", "max_tokens": 4})
+        failed = conn.reply(1)
+        assert isinstance(failed, rpc.Response) and failed.error is not None
+        assert failed.error.code == rpc.ErrorCode.INTERNAL_ERROR
+        conn.request(2, "generate", {"prompt": "works", "max_tokens": 4})
+        ok = conn.reply(2)
+        assert isinstance(ok, rpc.Response) and ok.error is None
+        conn.close()
+        with Client(proc.socket) as client:
+            assert client.status().totals.errors == 1
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_batch_answers_each_item(daemon: DaemonProcess) -> None:
+    # A batch with bad items: the good one is answered, each bad one gets its error.
     conn = RawConnection(daemon.socket)
     conn.send_bytes(
         b'[{"jsonrpc":"2.0","id":1,"method":"tokenize","params":{"text":"a"}},'
