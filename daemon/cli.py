@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     import anyio
 
     from .config import Config, parse_bytes
-    from .lifecycle import SocketSetupError, run_daemon
+    from .lifecycle import SocketSetupError, run_daemon, run_stdio
     from .logs import configure_logging
 
     configure_logging(args.log_level)
@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.state_dir:
         config.state_dir = Path(args.state_dir).expanduser().absolute()
     try:
-        anyio.run(lambda: run_daemon(config), backend=args.backend)
+        runner = run_stdio if args.stdio else run_daemon
+        anyio.run(lambda: runner(config), backend=args.backend)
     except (SocketSetupError, SocketPathTooLong) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk", type=int, default=256, help="prompt tokens per engine step"
     )
     serve.add_argument("--state-dir", help="where sessions are saved")
+    serve.add_argument(
+        "--stdio", action="store_true", help="serve one client on stdin/stdout; logs go to stderr"
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

@@ -155,11 +155,11 @@ class Engine:
 
     def set_model(self, model: Any, tokenizer: Any) -> None:
         """Switch models (engine thread, no request running); mlx arrays stay on this thread."""
-        if self._running:
-            raise RuntimeError("cannot switch models while requests are running")
+        for state in list(self._running.values()):  # stragglers whose clients left
+            self._cancel(state.job)
         self._close_generator()
         self.model, self.tokenizer = model, tokenizer
-        self._eos = StopSequences([(t,) for t in tokenizer.eos_token_ids])
+        self._eos = StopSequences([(t,) for t in tokenizer.eos_token_ids] if tokenizer else None)
 
     def _run(self) -> None:
         while True:

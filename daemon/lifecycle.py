@@ -20,14 +20,21 @@ from pathlib import Path
 
 import anyio
 import structlog
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from mlxd.rpc import check_socket_path
 
 from .config import Config
 from .service import Daemon
 
-__all__ = ["AlreadyRunning", "SocketSetupError", "prepare_socket", "run_daemon"]
+__all__ = [
+    "AlreadyRunning",
+    "SocketSetupError",
+    "StdioStream",
+    "prepare_socket",
+    "run_daemon",
+    "run_stdio",
+]
 
 log = structlog.get_logger("mlxd")
 
@@ -134,24 +141,6 @@ async def _watch_signals(daemon: Daemon) -> None:
             daemon.shutdown_requested.set()
 
 
-async def drain(daemon: Daemon, timeout: float) -> None:
-    """Finish or cancel every request, then persist every session, each within a bound."""
-    daemon.state = "draining"
-    with anyio.move_on_after(timeout):
-        await daemon.server.wait_idle()
-    if daemon.server.inflight:
-        log.warning("drain deadline: cancelling requests", count=len(daemon.server.inflight))
-        daemon.server.cancel_all()
-        with anyio.move_on_after(5.0):
-            await daemon.server.wait_idle()
-    with (
-        anyio.CancelScope(shield=True),
-        anyio.move_on_after(daemon.config.persist_timeout_s) as scope,
-    ):
-        saved = await daemon.sessions.save_all()
-    log.info("sessions persisted", saved=saved, timed_out=scope.cancelled_caught)
-
-
 async def run_daemon(
     config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
 ) -> None:
@@ -176,9 +165,66 @@ async def run_daemon(
                 await daemon.shutdown_requested.wait()
                 accepting.cancel()  # stop accepting; open connections stay until drained
                 timeout = daemon.shutdown_drain_s
-                await drain(daemon, config.drain_timeout_s if timeout is None else timeout)
+                await daemon.drain(config.drain_timeout_s if timeout is None else timeout)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await daemon.close()
     log.info("stopped")
+
+
+async def run_stdio(config: Config) -> None:
+    """Serve one peer on stdin/stdout (an editor that spawns its sidecar); exit at its EOF."""
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, daemon)
+
+            async def serve_peer() -> None:
+                await daemon.server.serve_stream(StdioStream())
+                daemon.shutdown_requested.set()
+
+            tg.start_soon(serve_peer)
+            log.info("serving", stdio=True, pid=os.getpid())
+            await daemon.shutdown_requested.wait()
+            await daemon.drain(config.drain_timeout_s)
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await daemon.close()
+    log.info("stopped")
+
+
+class StdioStream(ByteStream):
+    """Bytes over file descriptors 0 and 1, read and written by worker threads.
+
+    Portable to every backend; a read blocked in its thread is abandoned at exit.
+    """
+
+    def __init__(self, read_fd: int = 0, write_fd: int = 1) -> None:
+        self._read_fd, self._write_fd = read_fd, write_fd
+        self._eof = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._eof:
+            raise anyio.EndOfStream
+        data = await anyio.to_thread.run_sync(
+            os.read, self._read_fd, max_bytes, abandon_on_cancel=True
+        )
+        if not data:
+            self._eof = True
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        view = memoryview(item)
+        while view:
+            written = await anyio.to_thread.run_sync(os.write, self._write_fd, view)
+            view = view[written:]
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self._eof = True

@@ -96,16 +96,16 @@ class RpcServer:
         self._conn_waiters: list[anyio.Event] = []
         self.on_request_done: Callable[[RequestContext, str, float], None] | None = None
 
-    async def wait_idle(self) -> None:
-        """Return once no request is in flight on any connection."""
-        while self.inflight:
+    async def wait_idle(self, exclude: RequestContext | None = None) -> None:
+        """Return once no request (but `exclude`) is in flight on any connection."""
+        while self.inflight - {exclude}:
             waiter = anyio.Event()
             self._idle_waiters.append(waiter)
             await waiter.wait()
 
-    def cancel_all(self) -> None:
-        """Cancel every request in flight; each still gets its reply (-32800)."""
-        for ctx in list(self.inflight):
+    def cancel_all(self, exclude: RequestContext | None = None) -> None:
+        """Cancel every request in flight (but `exclude`); each still gets its reply (-32800)."""
+        for ctx in list(self.inflight - {exclude}):
             ctx.cancel()
 
     async def serve_stream(self, stream: ByteStream) -> None:
@@ -314,7 +314,7 @@ class RpcServer:
             return None  # cancelled by the connection closing: nobody to answer
         finally:
             self.inflight.discard(ctx)
-            if not self.inflight:
+            if len(self.inflight) <= 1:  # idle, or only the request that waits (a swap)
                 for waiter in self._idle_waiters:
                     waiter.set()
                 self._idle_waiters.clear()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import mlx.core as mx
 import sniffio
 import structlog
 
@@ -87,6 +88,8 @@ class Daemon:
         cache_dir = self.config.cache_dir
 
         def load() -> LoadedModel:
+            self.engine.set_model(None, None)  # unload first: two models may not fit
+            mx.clear_cache()
             loaded = load_model(spec, cache_dir)
             self.engine.set_model(loaded.model, loaded.tokenizer)
             return loaded
@@ -133,9 +136,38 @@ class Daemon:
     # -- requests -------------------------------------------------------------------
 
     def _refuse(self, method: str) -> rpc.RpcError | None:
-        if self.state == "draining" and method not in ("status", "initialize", "models/current"):
-            return rpc.RpcError(rpc.ErrorCode.SHUTTING_DOWN, "mlxd is shutting down")
-        return None
+        if self.state == "ok" or method in ("status", "initialize", "models/current"):
+            return None
+        if self.state == "swapping":
+            return rpc.RpcError(
+                rpc.ErrorCode.SHUTTING_DOWN, "mlxd is switching models; retry shortly"
+            )
+        return rpc.RpcError(rpc.ErrorCode.SHUTTING_DOWN, "mlxd is shutting down")
+
+    async def drain_requests(self, timeout: float, exclude: RequestContext | None = None) -> None:
+        """Let requests finish until `timeout`, then cancel the rest (each gets a reply)."""
+        with anyio.move_on_after(timeout):
+            await self.server.wait_idle(exclude)
+        if self.server.inflight - {exclude}:
+            log.warning("drain deadline: cancelling requests", count=len(self.server.inflight))
+            self.server.cancel_all(exclude)
+            with anyio.move_on_after(5.0):
+                await self.server.wait_idle(exclude)
+
+    async def persist_sessions(self) -> None:
+        """Save every hot session, shielded and bounded: it must finish, but not hang."""
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.config.persist_timeout_s) as scope,
+        ):
+            saved = await self.sessions.save_all()
+        log.info("sessions persisted", saved=saved, timed_out=scope.cancelled_caught)
+
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM or `shutdown`: refuse new work, finish or cancel the rest, save sessions."""
+        self.state = "draining"
+        await self.drain_requests(timeout)
+        await self.persist_sessions()
 
     def _request_done(self, ctx: RequestContext, outcome: str, elapsed_ms: float) -> None:
         totals = self.totals
@@ -187,6 +219,7 @@ class Daemon:
             "sessions/delete": self.sessions_delete,
             "sessions/fork": self.sessions_fork,
             "sessions/save": self.sessions_save,
+            "models/swap": self.models_swap,
         }
 
     def model_info(self) -> rpc.ModelInfo:
@@ -260,6 +293,39 @@ class Daemon:
                 "socket": str(self.config.socket),
             },
         )
+
+    async def models_swap(self, params: rpc.ModelsSwapParams, ctx: RequestContext) -> Any:
+        """Drain, persist sessions, unload, load the new model; on failure reload the old."""
+        if self.state != "ok":
+            raise rpc.RpcError(rpc.ErrorCode.SHUTTING_DOWN, f"cannot swap while {self.state}")
+        old = self.model.id
+        self.state = "swapping"
+        try:
+            with anyio.CancelScope(shield=True):  # half a swap is worse than a slow one
+                timeout = params.drain_timeout_s
+                await self.drain_requests(
+                    self.config.drain_timeout_s if timeout is None else timeout, ctx
+                )
+                await self.persist_sessions()
+                try:
+                    await self._load(params.model)
+                except Exception as exc:
+                    log.error(
+                        "model swap failed; reloading the old model",
+                        model=params.model,
+                        error=str(exc),
+                    )
+                    await self._load(old)
+                    raise rpc.RpcError(
+                        rpc.ErrorCode.INVALID_PARAMS,
+                        f"could not load {params.model!r} ({exc}); still serving {old!r}",
+                    ) from None
+        finally:
+            self.state = "ok"
+        log.info(
+            "model swapped", old=old, new=self.model.id, fingerprint=self.model.fingerprint[:16]
+        )
+        return self.model_info()
 
     async def shutdown(self, params: rpc.ShutdownParams, ctx: RequestContext) -> Any:
         self.shutdown_drain_s = params.drain_timeout_s

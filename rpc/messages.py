@@ -66,8 +66,9 @@ class Params(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of every request's params."""
 
 
-class Result(Struct, omit_defaults=True):
-    """Base of every result and notification payload."""
+class Result(Struct):
+    """Base of every result and notification payload: every field is always sent (zeros
+    and nulls included), except optional extras left UNSET."""
 
 
 # -- shared -----------------------------------------------------------------------------

@@ -243,13 +243,15 @@ def test_results_round_trip_through_the_wire(method: str, framing: Framing) -> N
     assert decoded == RESULTS[method]
 
 
-def test_results_omit_defaults_and_unset_fields() -> None:
+def test_results_send_every_protocol_field_and_omit_only_unset_extras() -> None:
+    # PROTOCOL.md promises these fields, zeros and nulls included; tokens/logprobs are extras.
     result = GenerateResult("x", "length", Usage(), Timings())
     assert msgspec.json.decode(msgspec.json.encode(result)) == {
         "text": "x",
         "finish_reason": "length",
-        "usage": {},
-        "timings": {},
+        "usage": {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0},
+        "timings": {"queued_ms": 0.0, "ttft_ms": 0.0, "total_ms": 0.0, "tokens_per_s": 0.0},
+        "session": None,
     }
     assert decode_result("generate", msgspec.json.encode(result)) == result
 
