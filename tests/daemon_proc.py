@@ -42,6 +42,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[str] = []
         self._ready = threading.Event()
+        self._new_line = threading.Condition()
         self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 120.0) -> DaemonProcess:
@@ -57,7 +58,8 @@ class DaemonProcess:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        serving = self._ready.wait(timeout) and any('"serving"' in x for x in self.lines)
+        if not serving or self.proc.poll() is not None:
             self.kill()
             raise RuntimeError("daemon did not start:\n" + "\n".join(self.lines[-40:]))
         return self
@@ -66,10 +68,29 @@ class DaemonProcess:
         assert self.proc is not None and self.proc.stderr is not None
         for raw in self.proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             if '"serving"' in line:
                 self._ready.set()
         self._ready.set()  # the process ended: let start() report it
+        with self._new_line:
+            self._new_line.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        """The first log line containing `text`, waiting for it to be written."""
+        with self._new_line:
+            found = self._new_line.wait_for(
+                lambda: next((x for x in self.lines if text in x), None) or self._reader_done(),
+                timeout,
+            )
+        line = next((x for x in self.lines if text in x), None)
+        if not found or line is None:
+            raise AssertionError(f"no log line with {text!r}:\n" + "\n".join(self.lines[-20:]))
+        return line
+
+    def _reader_done(self) -> bool:
+        return self._reader is not None and not self._reader.is_alive()
 
     def events(self, name: str) -> list[dict[str, object]]:
         found = []
@@ -108,7 +129,7 @@ class DaemonProcess:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-        if self.proc is not None:
+        if self.proc is not None and self.proc.stderr is not None and not self.proc.stderr.closed:
             self.wait(10)
 
 
