@@ -299,6 +299,7 @@ class RpcServer:
                     return rpc.error_response(ctx.id, exc.to_object())
                 except anyio.get_cancelled_exc_class():
                     if not ctx.cancel_requested:
+                        outcome = "disconnected"  # the peer left; nobody to answer
                         raise
                     outcome = "cancelled"
                     error = rpc.ErrorObject(rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled")

@@ -174,7 +174,7 @@ class Daemon:
         totals.requests += 1
         if outcome == "ok":
             totals.completed += 1
-        elif outcome in ("request_cancelled", "cancelled"):
+        elif outcome in ("request_cancelled", "cancelled", "disconnected"):
             totals.cancelled += 1
         elif outcome in ("server_busy", "shutting_down", "context_too_long"):
             totals.rejected += 1
