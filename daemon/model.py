@@ -1,38 +1,56 @@
-"""Loading a model (built-in, folder or hub id) and fingerprinting it for cache files."""
+"""Model loading: built-in, local folder or hub id -> a ready LoadedModel with its fingerprint."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
-from mlx.utils import tree_flatten, tree_map
+import mlx_lm.utils
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .builtin_model import BUILTIN_MODELS, ensure_builtin
+from mlxd.daemon.builtin_model import ensure_builtin
 
-__all__ = ["LoadedModel", "ModelLoadError", "fingerprint", "load_model"]
+__all__ = ["BUILTIN_PREFIX", "LoadedModel", "ModelLoadError", "fingerprint", "load_model"]
 
-_TOKENIZER_FILES = (
+BUILTIN_PREFIX = "builtin:"
+_DEFAULT_CONTEXT = 4096
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# Everything that decides which tokens a text becomes and what the model computes from
+# them; a session cache saved under one fingerprint is only valid for the same files.
+_FINGERPRINT_FILES = (
+    "config.json",
+    "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",
 )
+_FINGERPRINT_SCHEME = b"mlxd-fingerprint-v1\0"
+_CHUNK = 1 << 20
+_MEMO_MAX_ENTRIES = 64
 
 
 class ModelLoadError(Exception):
-    """The model could not be loaded; the message says why."""
+    """The model could not be found, fetched or loaded; the message says which and why."""
 
 
 @dataclass
 class LoadedModel:
-    model: Any
-    tokenizer: Any
+    """A model ready for generation, with what the engine and the block pool need to know."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
     id: str
     path: str
     fingerprint: str
@@ -46,100 +64,173 @@ class LoadedModel:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
+        """Bytes of K and V for one token over all layers, at the model's dtype."""
+        itemsize = _DTYPE_BYTES.get(self.dtype, 4)
         return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
 
 
-def _hash_file(h: Any, path: Path) -> None:
-    h.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-
-
-def fingerprint(folder: Path) -> str:
-    """sha256 of config, tokenizer and weights; memoised by (path, size, mtime) per file."""
-    files = [folder / "config.json"]
-    files += [folder / n for n in _TOKENIZER_FILES if (folder / n).exists()]
-    files += sorted(folder.glob("*.safetensors"))
-    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = folder / ".mlxd-fingerprint.json"
-    try:
-        saved = json.loads(memo.read_text())
-        if saved.get("stamp") == stamp:
-            return str(saved["fingerprint"])
-    except (OSError, ValueError, KeyError):
-        pass
-    h = hashlib.sha256()
-    for path in files:
-        _hash_file(h, path)
-    digest = h.hexdigest()
-    try:
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "fingerprint": digest}))
-        os.replace(tmp, memo)
-    except OSError:
-        pass  # a read-only model folder: hash again next time
-    return digest
-
-
-def _resolve(spec: str, cache_dir: Path) -> Path | str:
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise ModelLoadError(
-                f"unknown built-in model {name!r}; choose from {sorted(BUILTIN_MODELS)}"
-            )
-        return ensure_builtin(name, cache_dir)
-    folder = Path(spec).expanduser()
-    if folder.is_dir():
-        return folder.resolve()
-    if spec.startswith((".", "/", "~")) or (os.sep in spec and spec.count("/") != 1):
-        raise ModelLoadError(f"no model folder at {spec}")
-    return spec  # a hub id
-
-
 def load_model(spec: str, cache_dir: Path) -> LoadedModel:
-    """Load on the calling thread (the engine thread: MLX streams are thread-local)."""
-    where = _resolve(spec, cache_dir)
+    """Load "builtin:NAME", a model folder, or a hub id; weights are in memory on return."""
+    folder = _resolve(spec, cache_dir)
+    fp = fingerprint(folder, memo_file=cache_dir / "fingerprints.json")
     try:
-        model, tokenizer = mlx_lm.load(str(where))[:2]
-    except Exception as exc:
-        raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
-    folder = Path(where) if isinstance(where, Path) else _local_folder(model, where)
-    if not mx.metal.is_available():
-        # float16/bfloat16 matmuls are very slow on CPU; float32 is the fast path there.
-        model.update(
-            tree_map(
-                lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                model.parameters(),
-            )
-        )
-    mx.eval(model.parameters())
-    config = json.loads((folder / "config.json").read_text())
-    params = dict(tree_flatten(model.parameters()))
-    dtype = str(
-        next(v.dtype for v in params.values() if mx.issubdtype(v.dtype, mx.floating))
-    ).split(".")[-1]
-    heads = int(config.get("num_attention_heads", 1))
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+        # Lazy, so a float16 checkpoint is cast before it is ever materialised.
+        loaded = mlx_lm.load(str(folder), lazy=True, return_config=True)
+        model, tokenizer, config = cast(tuple[nn.Module, TokenizerWrapper, dict[str, Any]], loaded)
+        if mx.default_device().type == mx.DeviceType.cpu:
+            # float16/bfloat16 matmuls are many times slower than float32 on CPU.
+            model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {e}") from e
+    text = config.get("text_config") or config  # multimodal configs nest the LM's fields
+    heads = int(_first(text, "num_attention_heads", "n_head", "n_heads", default=1))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         id=spec,
         path=str(folder),
-        fingerprint=fingerprint(folder),
+        fingerprint=fp,
         type=str(config.get("model_type", "unknown")),
-        vocab_size=int(config.get("vocab_size", 0)),
-        context_length=int(config.get("max_position_embeddings") or 4096),
-        dtype=dtype,
-        num_layers=len(model.layers),
-        kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
+        vocab_size=int(_first(text, "vocab_size", "padded_vocab_size", default=len(tokenizer))),
+        context_length=int(
+            _first(
+                text,
+                "max_position_embeddings",
+                "n_positions",
+                "max_seq_len",
+                "seq_length",
+                "max_sequence_length",
+                default=_DEFAULT_CONTEXT,
+            )
+        ),
+        dtype=_float_dtype(model),
+        num_layers=_num_layers(model, text),
+        kv_heads=int(_first(text, "num_key_value_heads", "n_kv_heads", default=heads)),
+        head_dim=int(
+            _first(text, "head_dim", default=int(_first(text, "hidden_size", default=0)) // heads)
+        ),
     )
 
 
-def _local_folder(model: Any, hub_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def fingerprint(folder: Path, memo_file: Path | None = None) -> str:
+    """sha256 (hex) of a model folder's config, tokenizer files and weights.
 
-    return Path(snapshot_download(hub_id, local_files_only=True))
+    With memo_file, the digest is remembered per folder along with each file's size,
+    mtime, ctime and inode, and reused only while all of them still match (any write
+    to a file changes its ctime, which no tool can set back).
+    """
+    folder = Path(folder).resolve()
+    files = [folder / n for n in _FINGERPRINT_FILES if (folder / n).is_file()]
+    files += sorted(folder.glob("*.safetensors"), key=lambda p: p.name)
+    stamp = [_stamp(p) for p in files]
+    key = str(folder)
+    memo = _read_memo(memo_file) if memo_file else {}
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("files") == stamp:
+        return str(entry["fingerprint"])
+    digest = _hash_files(files)
+    if memo_file:
+        memo.pop(key, None)
+        memo[key] = {"files": stamp, "fingerprint": digest}
+        while len(memo) > _MEMO_MAX_ENTRIES:
+            memo.pop(next(iter(memo)))  # oldest first: dicts keep insertion order
+        _write_memo(memo_file, memo)
+    return digest
+
+
+def _resolve(spec: str, cache_dir: Path) -> Path:
+    if spec.startswith(BUILTIN_PREFIX):
+        try:
+            return ensure_builtin(spec.removeprefix(BUILTIN_PREFIX), cache_dir)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model folder not found: {spec}")
+    try:
+        # The same download mlx_lm.load would do, so we know the folder to fingerprint.
+        return Path(
+            mlx_lm.utils.snapshot_download(spec, allow_patterns=mlx_lm.utils.DEFAULT_ALLOW_PATTERNS)
+        )
+    except Exception as e:
+        raise ModelLoadError(
+            f"model {spec!r} is not a local folder and could not be fetched from the hub "
+            f"(offline, or no such repository?): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else cannot be one, so do not ask the hub.
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.count("/") > 1
+        or (os.sep != "/" and os.sep in spec)
+    )
+
+
+def _first(config: dict[str, Any], *keys: str, default: Any) -> Any:
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    return default
+
+
+def _num_layers(model: nn.Module, config: dict[str, Any]) -> int:
+    # mlx-lm models expose their blocks as .layers; the config's names vary by family.
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, list) and layers:
+        return len(layers)
+    return int(_first(config, "num_hidden_layers", "n_layer", "n_layers", default=0))
+
+
+def _float_dtype(model: nn.Module) -> str:
+    """The floating dtype holding most parameters (also the activations' and KV cache's)."""
+    sizes: dict[str, int] = {}
+    for item in tree_flatten(model.parameters()):
+        p = item[1]
+        if isinstance(p, mx.array) and mx.issubdtype(p.dtype, mx.floating):
+            name = str(p.dtype).rsplit(".", 1)[-1]
+            sizes[name] = sizes.get(name, 0) + p.size
+    return max(sizes, key=lambda k: sizes[k]) if sizes else "float32"
+
+
+def _stamp(path: Path) -> list[Any]:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256(_FINGERPRINT_SCHEME)
+    for path in files:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # Name and size delimit each file, so bytes cannot shift between files.
+            h.update(f"{path.name}\0{size}\0".encode())
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_memo(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # Missing or damaged: it is only a cache.
+    return data if isinstance(data, dict) else {}
+
+
+def _write_memo(path: Path, memo: dict[str, Any]) -> None:
+    # Atomic, so a concurrent reader sees the old or the new memo, never half of one.
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(memo, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
