@@ -155,8 +155,7 @@ class Engine:
 
     def set_model(self, model: Any, tokenizer: Any) -> None:
         """Switch models (engine thread, no request running); mlx arrays stay on this thread."""
-        for state in list(self._running.values()):  # stragglers whose clients left
-            self._cancel(state.job)
+        self.cancel_running()
         self._close_generator()
         self.model, self.tokenizer = model, tokenizer
         self._eos = StopSequences([(t,) for t in tokenizer.eos_token_ids] if tokenizer else None)
@@ -233,6 +232,11 @@ class Engine:
         state.logprobs = [] if job.logprobs else None
         self._running[uid] = state
         self._by_job[id(job)] = state
+
+    def cancel_running(self) -> None:
+        """Cancel every running job (engine thread): stragglers whose clients left."""
+        for state in list(self._running.values()):
+            self._cancel(state.job)
 
     def _cancel(self, job: Job) -> None:
         state = self._by_job.get(id(job))

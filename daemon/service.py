@@ -153,6 +153,9 @@ class Daemon:
             self.server.cancel_all(exclude)
             with anyio.move_on_after(5.0):
                 await self.server.wait_idle(exclude)
+        # Jobs whose clients left are no request's any more; their outcomes (and session
+        # caches) are delivered before this call returns, since the bridge keeps order.
+        await self.on_engine(self.engine.cancel_running)
 
     async def persist_sessions(self) -> None:
         """Save every hot session, shielded and bounded: it must finish, but not hang."""
