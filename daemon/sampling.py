@@ -28,7 +28,9 @@ def make_sampler(
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, sub = mx.random.split(key)
-        if top_k > 0:
+        # A top_k of the vocabulary or more keeps every token. mlx-lm raises for it, and a
+        # sampler that raises fails the whole batch's step, not just this request.
+        if 0 < top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, top_k)
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
