@@ -61,6 +61,7 @@ class _Writer:
         self._lock = anyio.Lock()
         self.closed = False
         self.unanswered = 0  # requests and batches read but not yet replied to
+        self.running = 0  # requests being handled, batch items and null ids included
 
     async def send(self, message: Any) -> None:
         if self.closed:
@@ -192,19 +193,22 @@ class RpcServer:
             if ctx.id is not None and ctx.id in inflight:
                 error = rpc.ErrorObject(rpc.ErrorCode.INVALID_REQUEST, f"id {ctx.id!r} is in use")
                 await writer.send(rpc.error_response(ctx.id, error))
-            elif len(inflight) >= self.max_inflight:
-                error = rpc.ErrorObject(
-                    rpc.ErrorCode.SERVER_BUSY,
-                    f"too many requests in flight on this connection (limit {self.max_inflight})",
-                    {"retry_after_ms": 100, "queue_depth": len(inflight)},
-                )
-                await writer.send(rpc.error_response(ctx.id, error))
+            elif writer.running >= self.max_inflight:
+                await writer.send(rpc.error_response(ctx.id, self._too_many(writer)))
             else:
                 if ctx.id is not None:
                     inflight[ctx.id] = ctx
                 writer.unanswered += 1
+                writer.running += 1
                 tg.start_soon(self._run_one, message, ctx, writer, inflight)
         # A Response from a client has no request of ours to answer: ignore it.
+
+    def _too_many(self, writer: _Writer) -> rpc.ErrorObject:
+        return rpc.ErrorObject(
+            rpc.ErrorCode.SERVER_BUSY,
+            f"too many requests in flight on this connection (limit {self.max_inflight})",
+            {"retry_after_ms": 100, "queue_depth": writer.running},
+        )
 
     def _notification(
         self, message: rpc.Notification, inflight: dict[int | str, RequestContext]
@@ -237,6 +241,7 @@ class RpcServer:
             if reply is not None:
                 await writer.send(reply)
         finally:
+            writer.running -= 1
             if ctx.id is not None:
                 inflight.pop(ctx.id, None)
             self._answered(writer)
@@ -257,11 +262,16 @@ class RpcServer:
                 self._notification(message, inflight)
             elif isinstance(message, rpc.Request):
                 ctx = self._context(message, writer, conn_id)
+                if writer.running >= self.max_inflight:  # batch items count like the rest
+                    replies.append(rpc.error_response(ctx.id, self._too_many(writer)))
+                    return
                 if ctx.id is not None:
                     inflight.setdefault(ctx.id, ctx)
+                writer.running += 1
                 try:
                     reply = await self.call(message, ctx)
                 finally:
+                    writer.running -= 1
                     if ctx.id is not None and inflight.get(ctx.id) is ctx:
                         del inflight[ctx.id]
                 if reply is not None:
