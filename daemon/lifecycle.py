@@ -9,6 +9,7 @@ A second signal exits at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -20,7 +21,14 @@ from pathlib import Path
 
 import anyio
 import structlog
-from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import (
+    ByteStream,
+    SocketAttribute,
+    SocketListener,
+    SocketStream,
+    TaskGroup,
+    TaskStatus,
+)
 
 from mlxd.rpc import check_socket_path
 
@@ -37,6 +45,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger("mlxd")
+
+# accept() fails with these when the process or the system is out of descriptors or memory;
+# the listener itself is fine. Like trio's serve_listeners: log, wait a little, go on.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY_S = 0.1
 
 
 class SocketSetupError(RuntimeError):
@@ -131,6 +144,20 @@ async def _accept(daemon: Daemon, stream: SocketStream) -> None:
     await daemon.server.serve_stream(stream)
 
 
+async def _serve_listener(daemon: Daemon, listener: SocketListener, tg: TaskGroup) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except anyio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error("cannot accept a connection; retrying", error=str(cause))
+            await anyio.sleep(_ACCEPT_RETRY_S)
+            continue
+        tg.start_soon(_accept, daemon, stream)
+
+
 async def _watch_signals(daemon: Daemon) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -156,7 +183,7 @@ async def run_daemon(
                 async def serve_connections() -> None:
                     with accepting:
                         async with listener:
-                            await listener.serve(lambda s: _accept(daemon, s), task_group=tg)
+                            await _serve_listener(daemon, listener, tg)
 
                 tg.start_soon(serve_connections)
                 tg.start_soon(_watch_signals, daemon)
