@@ -351,14 +351,21 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def write_snapshot(path: Path, snap: Snapshot, *, fingerprint: str, session: str) -> int:
+def write_snapshot(
+    path: Path, snap: Snapshot, *, fingerprint: str, session: str, max_bytes: int | None = None
+) -> int:
     """Write `snap` to `path` atomically and durably (writer thread); returns bytes written.
 
     On any error (ENOSPC, EIO...) the temp file is removed, the previous file at `path`
-    is untouched, and the OSError propagates.
+    is untouched, and the OSError propagates. A file larger than `max_bytes` (the whole
+    disk budget) is not written: OSError EFBIG.
     """
     path = Path(path)
     data = safetensors.numpy.save(snap.arrays, metadata=_metadata(snap, fingerprint, session))
+    if max_bytes is not None and len(data) > max_bytes:
+        raise OSError(
+            errno.EFBIG, f"{len(data)} bytes exceed the disk budget of {max_bytes}", str(path)
+        )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     # 0600 from creation: KV caches reveal the conversation, so never world-readable,
     # not even between open() and a later chmod().

@@ -277,7 +277,11 @@ class SessionStore:
         try:
             size = await anyio.to_thread.run_sync(
                 lambda: persistence.write_snapshot(
-                    path, snap, fingerprint=self.shape.fingerprint, session=session.id
+                    path,
+                    snap,
+                    fingerprint=self.shape.fingerprint,
+                    session=session.id,
+                    max_bytes=self.disk_budget,
                 ),
                 limiter=self._writer,
             )
