@@ -33,7 +33,10 @@ def _serve(args: argparse.Namespace) -> int:
         kv_bits=args.kv_bits,
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
+        idle_frame_timeout_s=args.idle_frame_timeout,
     )
+    if args.max_frame_bytes:
+        config.max_frame_bytes = parse_bytes(args.max_frame_bytes)
     if args.kv_budget:
         config.kv_budget_bytes = parse_bytes(args.kv_budget)
     if args.disk_budget:
@@ -129,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk", type=int, default=256, help="prompt tokens per engine step"
     )
     serve.add_argument("--state-dir", help="where sessions are saved")
+    serve.add_argument(
+        "--max-frame-bytes", help="largest message accepted, e.g. 8M (default: 8 MiB)"
+    )
+    serve.add_argument(
+        "--idle-frame-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection whose partial message gets no bytes for this long",
+    )
     serve.add_argument(
         "--stdio", action="store_true", help="serve one client on stdin/stdout; logs go to stderr"
     )
