@@ -85,6 +85,13 @@ _METADATA_KEYS = (
 # token); it exists so a garbage length cannot make us allocate gigabytes.
 _MAX_HEADER = 64 * 1024 * 1024
 _WRITE_CHUNK = 8 * 1024 * 1024
+# Fault injection for tests of the disk-error paths (like MLXD_FAULT_ENGINE_STEPS): the
+# next N writes fail as on a full disk (ENOSPC, halfway through the data) or a read-only
+# folder (EROFS, creating the temp file). Tests run as root, where chmod cannot stop writes.
+_FAULTS = {
+    errno.ENOSPC: int(os.environ.get("MLXD_FAULT_WRITE_ENOSPC", "0") or 0),
+    errno.EROFS: int(os.environ.get("MLXD_FAULT_WRITE_EROFS", "0") or 0),
+}
 
 # numpy dtype <-> safetensors dtype code, for the only dtypes our files contain.
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
@@ -351,6 +358,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _injected_fault(code: int, path: Path) -> None:
+    if _FAULTS[code] > 0:
+        _FAULTS[code] -= 1
+        raise OSError(code, f"{os.strerror(code)} (injected)", str(path))
+
+
 def write_snapshot(
     path: Path, snap: Snapshot, *, fingerprint: str, session: str, max_bytes: int | None = None
 ) -> int:
@@ -370,9 +383,13 @@ def write_snapshot(
     # 0600 from creation: KV caches reveal the conversation, so never world-readable,
     # not even between open() and a later chmod().
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    _injected_fault(errno.EROFS, path.parent)
     fd = os.open(tmp, flags, 0o600)
     try:
         try:
+            if _FAULTS[errno.ENOSPC]:
+                _write_all(fd, data[: len(data) // 2])
+                _injected_fault(errno.ENOSPC, tmp)
             _write_all(fd, data)
             _full_fsync(fd)
         finally:
