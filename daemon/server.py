@@ -26,6 +26,7 @@ __all__ = ["Handler", "RequestContext", "RpcServer"]
 
 log = structlog.get_logger("mlxd.server")
 _conn_ids = itertools.count(1)
+_BROKEN_GRACE_S = 5.0  # a broken connection's cancelled requests reply within this, or not
 
 
 @dataclass(eq=False)
@@ -117,10 +118,17 @@ class RpcServer:
         self.connections += 1
         try:
             async with anyio.create_task_group() as tg:
-                half_closed = await self._read_loop(stream, codec, writer, inflight, tg, conn_id)
-                if half_closed and not writer.closed:
+                end = await self._read_loop(stream, codec, writer, inflight, tg, conn_id)
+                if end == "half_closed" and not writer.closed:
                     # The peer finished sending (`echo ... | socat`): answer, then close.
                     await self._wait_connection_idle(writer)
+                elif end == "broken" and not writer.closed:
+                    # Bad framing or an idle partial frame: what was read before still gets
+                    # its reply (cancelled, with its partial text), then the connection closes.
+                    for ctx in list(inflight.values()):
+                        ctx.cancel()
+                    with anyio.move_on_after(_BROKEN_GRACE_S):
+                        await self._wait_connection_idle(writer)
                 tg.cancel_scope.cancel()  # the peer is gone: cancel what it asked for
         finally:
             self.connections -= 1
@@ -147,8 +155,9 @@ class RpcServer:
         inflight: dict[int | str, RequestContext],
         tg: TaskGroup,
         conn_id: int,
-    ) -> bool:
-        """Read until the peer stops; True if it only half-closed (it still reads replies)."""
+    ) -> str:
+        """Read until the peer stops: "half_closed" (it still reads replies), "gone", or
+        "broken" (the stream cannot be read further: bad framing, idle partial frame)."""
         eof = False
         while not writer.closed:
             event = codec.next_event()
@@ -161,20 +170,20 @@ class RpcServer:
                         data = b""
                 if idle.cancelled_caught:
                     log.info("closing connection: partial frame idle", conn=conn_id)
-                    return False
+                    return "broken"
                 eof = not data
                 codec.receive_data(data)
             elif event is rpc.CLOSED:
-                return eof and not _hung_up(stream)
+                return "half_closed" if eof and not _hung_up(stream) else "gone"
             elif isinstance(event, rpc.FramingError):
                 await writer.send(rpc.error_response(None, event.error))
-                return False
+                return "broken"
             elif isinstance(event, rpc.Batch):
                 writer.unanswered += 1
                 tg.start_soon(self._run_batch, event, writer, inflight, conn_id)
             elif isinstance(event, rpc.Request | rpc.Notification | rpc.Response | rpc.Invalid):
                 await self._route(event, writer, inflight, tg, conn_id)
-        return False
+        return "gone"
 
     async def _route(
         self,
