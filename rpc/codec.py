@@ -197,6 +197,8 @@ def decode_message(raw: bytes) -> Message:
         # a parse error takes precedence, else salvage the id.
         try:
             obj = msgspec.json.decode(raw)
+        except msgspec.ValidationError:
+            obj = None  # valid JSON, but a number out of range (a 5,000-digit id, 1e999)
         except _UNPARSEABLE as parse_exc:
             return _invalid(None, ErrorCode.PARSE_ERROR, f"parse error: {parse_exc}")
         return _invalid(_salvage_id(obj), ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
