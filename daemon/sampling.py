@@ -6,15 +6,40 @@ whatever else shares its batch.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 __all__ = ["Sampler", "make_sampler"]
 
 Sampler = Callable[[mx.array], mx.array]
+
+# mlx-lm's apply_top_p/apply_min_p are mx.compile'd with the threshold as a Python
+# constant: every new value compiled again on the engine thread (~1.5 s on CPU, stalling
+# the whole batch) and stayed in the compile cache. These filters are a few array ops per
+# step, next to a whole forward pass; they run uncompiled, with thresholds as arrays.
+
+
+def _top_k(logprobs: mx.array, k: int) -> mx.array:
+    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logprobs, drop, mx.array(-math.inf, logprobs.dtype), axis=-1)
+
+
+def _top_p(logprobs: mx.array, top_p: mx.array) -> mx.array:
+    sorted_logprobs = mx.sort(logprobs, axis=-1)
+    sorted_probs = mx.exp(sorted_logprobs.astype(mx.float32))
+    mass_above = mx.cumsum(sorted_probs, axis=-1, reverse=True, inclusive=False)
+    total_mass = mass_above[..., :1] + sorted_probs[..., :1]
+    num_dropped = (mass_above >= top_p * total_mass).sum(axis=-1, keepdims=True)
+    threshold = mx.take_along_axis(sorted_logprobs, num_dropped, axis=-1)
+    return mx.where(logprobs < threshold, -math.inf, logprobs)
+
+
+def _min_p(logprobs: mx.array, log_min_p: mx.array) -> mx.array:
+    top = mx.max(logprobs, axis=-1, keepdims=True)
+    return mx.where(logprobs < top + log_min_p, -math.inf, logprobs)
 
 
 def make_sampler(
@@ -24,6 +49,8 @@ def make_sampler(
     if temperature == 0:
         return None
     key = mx.random.key(seed if seed is not None else secrets.randbits(63))
+    top_p_arr = mx.array(top_p, mx.float32)
+    log_min_p = mx.array(math.log(min_p) if min_p > 0 else 0.0, mx.float32)
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
@@ -31,11 +58,11 @@ def make_sampler(
         # A top_k of the vocabulary or more keeps every token. mlx-lm raises for it, and a
         # sampler that raises fails the whole batch's step, not just this request.
         if 0 < top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, top_k)
+            logprobs = _top_k(logprobs, top_k)
         if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
+            logprobs = _top_p(logprobs, top_p_arr)
         if min_p > 0:
-            logprobs = apply_min_p(logprobs, min_p)
+            logprobs = _min_p(logprobs, log_min_p)
         return mx.random.categorical(logprobs * (1 / temperature), key=sub)
 
     return sample
