@@ -266,3 +266,22 @@ def test_stdio_transport_serves_one_peer(model_cache: Path, short_dir: Path) -> 
     assert replies[1]["result"]["count"] == 3
     assert replies[2]["result"]["usage"]["completion_tokens"] == 3
     assert b'"event": "serving"' in out.stderr  # logs on stderr only
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_a_socket_folder_owned_by_another_user_is_refused(
+    short_dir: Path, model_cache: Path
+) -> None:
+    folder = short_dir / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", "serve", "--socket", str(folder / "d.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
+    )
+    assert result.returncode == 1
+    assert "belongs to uid 65534" in result.stderr
+    assert not (folder / "d.sock").exists()
