@@ -103,6 +103,12 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mlxd.launchd import add_service_commands
 
@@ -161,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the daemon's status as JSON")
     status.add_argument("--socket", default=socket_default)
     status.set_defaults(func=_status)
+
+    chat = sub.add_parser("chat", help="chat with the model in the terminal")
+    chat.add_argument("--socket", default=socket_default)
+    chat.add_argument("--session", help="keep the conversation under this name, to resume it")
+    chat.add_argument("--max-tokens", type=int, default=512, help="per reply")
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--system", help="system prompt (replaces a resumed one)")
+    chat.set_defaults(func=_chat)
 
     add_service_commands(sub)
     return parser
