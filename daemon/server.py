@@ -321,7 +321,15 @@ class RpcServer:
                         outcome = "disconnected"  # the peer left; nobody to answer
                         raise
                     outcome = "cancelled"
-                    error = rpc.ErrorObject(rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled")
+                    # Cancelled before it produced anything: still the data PROTOCOL.md promises.
+                    data = (
+                        rpc.CancelledData("", rpc.Usage())
+                        if message.method == "generate"
+                        else msgspec.UNSET
+                    )
+                    error = rpc.ErrorObject(
+                        rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled", data
+                    )
                     return rpc.error_response(ctx.id, error)
                 except (msgspec.ValidationError, ValueError, TypeError) as exc:
                     logging.getLogger(__name__).debug("bad request", exc_info=True)

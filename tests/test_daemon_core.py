@@ -265,3 +265,17 @@ def test_status_reports_the_essentials(daemon: DaemonProcess) -> None:
     assert status.latency_ms.ttft.p50 > 0
     assert status.pool.blocks_total > 0
     assert status.details["backend"] in ("asyncio", "trio")
+
+
+def test_cancel_before_generation_starts_still_carries_data(daemon: DaemonProcess) -> None:
+    conn = RawConnection(daemon.socket)
+    # Both in one write: the cancel arrives while the request is still being admitted.
+    conn.send_bytes(
+        b'{"jsonrpc":"2.0","id":7,"method":"generate","params":{"prompt":"x","max_tokens":50}}\n'
+        b'{"jsonrpc":"2.0","method":"$/cancelRequest","params":{"id":7}}\n'
+    )
+    reply = conn.reply(7)
+    assert isinstance(reply, rpc.Response) and reply.error is not None
+    assert reply.error.code == rpc.ErrorCode.REQUEST_CANCELLED
+    assert set(reply.error.data) == {"text", "usage"}
+    conn.close()
