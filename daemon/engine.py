@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from .metrics import LatencyWindow
+from .persistence import quantize_cache
 from .sampling import make_sampler
 from .textstream import TextAssembler
 
@@ -48,6 +49,7 @@ class Job:
     prefix_cache: KVCacheList | None = None  # a KV cache holding prompt[:cached]
     cached: int = 0
     keep_cache: bool = False  # hand the final KV cache back (sessions)
+    kv_bits: int = 0  # quantize that cache (8 or 4) to keep more sessions in memory
     t_arrival: float = field(default_factory=time.perf_counter)
     tag: dict[str, Any] = field(default_factory=dict)  # ids for logs, passed explicitly
 
@@ -251,11 +253,13 @@ class Engine:
         if not keep or state.uid not in caches:
             return None, None
         cache, tokens = caches[state.uid]
-        return self._materialise(cache), list(tokens)
+        return self._materialise(cache, state.job), list(tokens)
 
     @staticmethod
-    def _materialise(cache: KVCacheList) -> KVCacheList:
+    def _materialise(cache: KVCacheList, job: Job) -> KVCacheList:
         # Evaluate now so the cache does not keep the whole batch's arrays alive.
+        if job.kv_bits:
+            return quantize_cache(cache, job.kv_bits)
         mx.eval([c.state for c in cache])
         return cache
 
@@ -301,7 +305,7 @@ class Engine:
         lps = [logprob] if logprob is not None else None
         if r.finish_reason == "stop":  # an EOS token: it ends the text, it is not part of it
             text = state.text.finish()
-            cache = self._materialise(r.prompt_cache) if state.job.keep_cache else None
+            cache = self._materialise(r.prompt_cache, state.job) if state.job.keep_cache else None
             return self._finish(state, "stop", text, [token], cache, r.all_tokens, lps)
         text = state.text.add(token)
         if state.text.stopped:
@@ -309,7 +313,7 @@ class Engine:
             return self._finish(state, "stop", text, [token], cache, tokens, lps)
         if r.finish_reason == "length":
             text += state.text.finish()
-            cache = self._materialise(r.prompt_cache) if state.job.keep_cache else None
+            cache = self._materialise(r.prompt_cache, state.job) if state.job.keep_cache else None
             return self._finish(state, "length", text, [token], cache, r.all_tokens, lps)
         return Update(text, [token], lps)
 

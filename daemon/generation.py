@@ -139,6 +139,7 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
             prefix_cache=cache,
             cached=cached,
             keep_cache=session is not None,
+            kv_bits=daemon.config.kv_bits if session is not None else 0,
             t_arrival=t_arrival,
         )
         daemon.engine.submit(job)

@@ -114,6 +114,7 @@ class Daemon:
             self.pool,
             self.on_engine,
             disk_budget_bytes=self.config.disk_budget_bytes,
+            block_bytes=per_block,
             kv_bits=self.config.kv_bits,
         )
         await self.sessions.load_index()

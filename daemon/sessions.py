@@ -9,6 +9,7 @@ budget. MLX work (snapshot, restore) runs on the engine thread; file I/O on a wr
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import anyio
 import structlog
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlxd import rpc
 
@@ -98,6 +99,7 @@ class SessionStore:
         on_engine: Callable[[Callable[[], Any]], Awaitable[Any]],
         *,
         disk_budget_bytes: int,
+        block_bytes: int,
         kv_bits: int = 0,
     ) -> None:
         self.folder = root / "sessions" / shape.fingerprint[:16]
@@ -107,6 +109,7 @@ class SessionStore:
         self._on_engine = on_engine
         self.disk_budget = disk_budget_bytes
         self.kv_bits = kv_bits
+        self.block_bytes = block_bytes  # a pool block's KV bytes at the model's dtype
         self.sessions: dict[str, Session] = {}
         self._writer = anyio.CapacityLimiter(1)  # one writer thread: files written in order
         self.disk_errors: list[str] = []
@@ -195,6 +198,9 @@ class SessionStore:
         n = min(common_prefix(tokens, prompt), len(prompt) - 1)
         if n <= 0:
             return None, 0
+        if isinstance(cache[0], QuantizedKVCache):  # --kv-bits: the batch wants full precision
+            quantized = cache
+            cache = await self._on_engine(lambda: persistence.dequantize_cache(quantized))
         return prefix_view(cache, n), n
 
     def commit(
@@ -211,8 +217,12 @@ class SessionStore:
             return
         session.cache, session.tokens, session.dirty = cache, list(tokens), True
         session.hot_bytes = persistence.cache_nbytes(cache)
-        reservation.resize(self.pool.blocks_for(len(tokens)))
+        reservation.resize(self._blocks(session))
         session.reservation = reservation
+
+    def _blocks(self, session: Session) -> int:
+        """What a hot cache occupies, not what it covers: a quantized one holds fewer blocks."""
+        return max(1, math.ceil(session.hot_bytes / self.block_bytes))
 
     def _drop_hot(self, session: Session) -> None:
         session.cache, session.hot_bytes = None, 0
@@ -350,17 +360,15 @@ class SessionStore:
             if source.cache is None and source.disk_tokens:
                 await self._load(source)
                 if source.cache is not None:
-                    source.reservation = self.pool.try_reserve(
-                        self.pool.blocks_for(len(source.tokens))
-                    )
+                    source.reservation = self.pool.try_reserve(self._blocks(source))
             forked = self.open(new_id)
             if source.cache is not None:
-                # Shares the arrays: nothing writes into a session's cache in place.
-                forked.cache = prefix_view(source.cache, len(source.tokens))
+                # Shares the layers: nothing writes into a session's cache in place.
+                forked.cache = list(source.cache)
                 forked.tokens = list(source.tokens)
                 forked.hot_bytes = source.hot_bytes
                 forked.dirty = True
-                forked.reservation = self.pool.try_reserve(self.pool.blocks_for(len(forked.tokens)))
+                forked.reservation = self.pool.try_reserve(self._blocks(forked))
             return forked
         finally:
             source.turn.release()

@@ -203,3 +203,28 @@ def test_a_cache_from_another_model_is_never_used(folder: Path, model_cache: Pat
             assert _turn(client, follow, "cross").usage.cached_tokens == 0
     finally:
         proc.stop()
+
+
+def test_kv_bits_keeps_sessions_smaller_in_memory_and_on_disk(
+    folder: Path, model_cache: Path
+) -> None:
+    DaemonProcess(folder, model_cache).start().stop()  # the model exists before we size anything
+    per_token = _block_bytes(model_cache) // 256
+    proc = DaemonProcess(folder, model_cache, "--kv-bits", "8").start()
+    try:
+        with Client(proc.socket) as client:
+            first = _turn(client, _conversation(5), "q8")
+            hot = client.sessions_get("q8")
+            assert hot.state == "hot" and hot.bytes * 3 < hot.tokens * per_token
+            follow = _conversation(5) + first.text + " Next."
+            second = _turn(client, follow, "q8")
+            assert second.usage.cached_tokens > 0 and second.usage.completion_tokens == TURN
+        assert proc.stop() == 0
+        (path,) = (folder / "state" / "sessions").glob("*/q8.safetensors")
+        assert path.stat().st_size * 3 < second.usage.prompt_tokens * per_token
+        proc = DaemonProcess(folder, model_cache, "--kv-bits", "8").start()
+        with Client(proc.socket) as client:
+            third = _turn(client, follow + second.text + " And?", "q8")
+            assert third.usage.cached_tokens > 0
+    finally:
+        proc.stop()
