@@ -133,14 +133,16 @@ def test_status_answers_at_once_and_says_degraded_while_full(
 
 
 def _stream_rates(socket: Path, n: int, stalled: bool) -> list[float]:
-    """Decode rates (tokens/s) of `n` read streams, with or without one stalled reader."""
+    """Decode rates (tokens/s) of `n` streams beside one long request whose client reads
+    normally, or (stalled) never reads at all: the only difference between the runs."""
     rates: list[float] = []
-    stuck = None
-    if stalled:
-        stuck = RawConnection(socket)
-        stuck.request(1, "generate", {"prompt": "never read", "max_tokens": 1500, "stream": True})
-    else:
-        n += 1  # same batch size: one more stream, read normally
+    long = RawConnection(socket)
+    long.request(1, "generate", {"prompt": "the long one", "max_tokens": 1500, "stream": True})
+    assert isinstance(long.next(), rpc.Notification)  # running before the others start
+    drain = None
+    if not stalled:
+        drain = threading.Thread(target=long.reply, args=(1,))
+        drain.start()
 
     def one(i: int) -> None:
         with Client(socket) as client:
@@ -155,8 +157,10 @@ def _stream_rates(socket: Path, n: int, stalled: bool) -> list[float]:
         t.start()
     for t in threads:
         t.join(300)
-    if stuck is not None:
-        stuck.close()
+    long.send(rpc.notification("$/cancelRequest", {"id": 1}))
+    if drain is not None:
+        drain.join(300)
+    long.close()
     return rates
 
 
