@@ -1,72 +1,168 @@
-"""What every benchmark suite shares: the daemon as a process, the machine, timing helpers."""
+"""What the benchmark suites share: the daemon as a process, the machine, small helpers."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = [
+    "MODEL_CACHE",
+    "ROOT",
+    "Daemon",
+    "loadavg",
+    "machine",
+    "median",
+    "percentiles",
+    "run_python",
+]
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.daemon_proc import DaemonProcess, short_tmpdir  # noqa: E402  (one way to start it)
+from mlxd.daemon.paths import cache_dir  # noqa: E402  (mlxd.daemon loads OpenBLAS first)
 
-__all__ = ["ROOT", "Daemon", "machine", "percentiles", "run_python"]
-
-MODEL_CACHE = Path(os.environ.get("MLXD_CACHE_DIR", "~/.cache/mlxd")).expanduser()
+# Where the built-in models are generated on first use: $MLXD_CACHE_DIR, else the daemon's
+# default, so the benchmark and the daemon share one copy.
+MODEL_CACHE = cache_dir()
 
 
 class Daemon:
-    """A daemon process for one suite: `with Daemon("builtin:small") as d: d.socket`."""
+    """`mlxd.daemon serve` as a user starts it, on its own socket and state folder.
 
-    def __init__(self, model: str, *args: str, state_dir: Path | None = None) -> None:
-        self.folder = short_tmpdir()
-        self.model, self.args, self.state_dir = model, args, state_dir
-        self.proc: DaemonProcess | None = None
+    `start()` returns once the daemon logs its "serving" event (readiness, not a sleep);
+    `stop()` sends SIGTERM (drain, save every hot session, exit 0) and returns the exit
+    code; `restart()` is stop + start on the same state folder.
+    """
 
-    def start(self) -> DaemonProcess:
-        self.proc = DaemonProcess(
-            self.folder, MODEL_CACHE, *self.args, model=self.model, state_dir=self.state_dir
-        ).start(timeout=600)
-        return self.proc
+    def __init__(self, model: str, *args: str) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))  # short: sun_path
+        self.socket = self.folder / "d.sock"
+        self.state_dir = self.folder / "state"
+        self.model, self.args = model, list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[str] = []
+        self.start_s = 0.0  # how long the last start took, until "serving"
 
-    def restart(self) -> DaemonProcess:
-        self.stop()
-        return self.start()
+    def start(self, timeout: float = 900.0) -> Daemon:
+        env = dict(os.environ, MLXD_CACHE_DIR=str(MODEL_CACHE), PYTHONUNBUFFERED="1")
+        env.pop("MLXD_SOCKET", None)
+        cmd = [
+            sys.executable, "-m", "mlxd.daemon", "serve", "--model", self.model,
+            "--socket", str(self.socket), "--state-dir", str(self.state_dir), *self.args,
+        ]  # fmt: skip
+        self.lines = []
+        ready = threading.Event()
+        t0 = time.perf_counter()
+        self.proc = proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, cwd=ROOT,
+        )  # fmt: skip
 
-    def stop(self) -> int:
-        return self.proc.stop(120) if self.proc is not None else 0
+        def read() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.lines.append(line)
+                if _event(line) == "serving":
+                    ready.set()
+            ready.set()  # the process ended: let start() see it
 
-    @property
-    def socket(self) -> Path:
-        assert self.proc is not None
-        return self.proc.socket
-
-    def __enter__(self) -> Daemon:
-        self.start()
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout) or proc.poll() is not None:
+            self.kill()
+            raise RuntimeError("the daemon did not start:\n" + "\n".join(self.lines[-30:]))
+        self.start_s = time.perf_counter() - t0
         return self
 
+    def stop(self, timeout: float = 300.0) -> int:
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        self.proc = None
+        return proc.returncode
+
+    def restart(self) -> Daemon:
+        code = self.stop()
+        if code != 0:
+            raise RuntimeError(
+                f"the daemon exited {code} on SIGTERM:\n" + "\n".join(self.lines[-30:])
+            )
+        return self.start()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.proc = None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == name:
+                found.append(record)
+        return found
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            self.kill()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def run_python(code: str, *args: str) -> str:
-    """Run `code` in a fresh interpreter (an in-process baseline that shares no cores with
-    a running daemon) and return its stdout."""
-    env = dict(os.environ, MLXD_CACHE_DIR=str(MODEL_CACHE))
+def _event(line: str) -> str | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("event") if isinstance(record, dict) else None
+
+
+def run_python(code: str, *args: str, timeout: float = 3600) -> Any:
+    """Run `code` in a fresh interpreter and return the JSON its last stdout line holds.
+
+    The in-process baselines run this way while no daemon is running, so the two never
+    share the cores at the same time.
+    """
+    env = dict(os.environ, MLXD_CACHE_DIR=str(MODEL_CACHE), PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False
-    )
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, env=env, check=False, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
     if out.returncode != 0:
-        raise RuntimeError(f"baseline failed:\n{out.stderr[-3000:]}")
-    return out.stdout
+        raise RuntimeError(f"baseline failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -86,20 +182,51 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
 def machine(status: Any | None = None) -> dict[str, Any]:
+    """The machine, the MLX build and (from a daemon's `status`) BLAS and the model."""
     import mlx.core as mx
 
-    import mlxd.daemon  # noqa: F401  (OpenBLAS before mlx)
+    import mlxd.daemon  # noqa: F401  (loads OpenBLAS before mlx, as the daemon does)
 
-    info = {
+    info: dict[str, Any] = {
         "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "mlx": getattr(mx, "__version__", "?"),
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
         "mlx_device": str(mx.default_device()),
     }
     if status is not None:
         info["blas"] = status.details.get("blas")
         info["model"] = status.model.id
-        info["model_path"] = status.model.path
+        info["model_dtype"] = status.model.dtype
+        info["model_fingerprint"] = status.model.fingerprint[:16]
+        info["context_length"] = status.model.context_length
     return info
