@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ SUITES: dict[str, Any] = {
     "resume": resume.run,
     "latency": lambda model, quick, log: latency.run(model, quick),
 }
+
+# latency is slow (minutes even with --quick) and has no targets: run it by name.
+DEFAULT_SUITES = ("throughput", "resume")
 
 # Targets are reported against, never asserted.
 TARGET_BATCH = 0.9  # daemon vs batch_generate at 16 clients
@@ -371,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="short settings (a few minutes on 2 cores)"
     )
     parser.add_argument(
-        "--suite", default=",".join(SUITES), help="comma-separated, of: " + ", ".join(SUITES)
+        "--suite",
+        default=",".join(DEFAULT_SUITES),
+        help=f"comma-separated, of: {', '.join(SUITES)} (default: {','.join(DEFAULT_SUITES)})",
     )
     parser.add_argument("--model", default="builtin:small")
     parser.add_argument(
@@ -395,26 +401,50 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     results: dict[str, Any] = {}
     info: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     for name in names:
         t0 = time.monotonic()
         log(f"{name}{' (quick)' if args.quick else ''} ...")
-        result = SUITES[name](args.model, args.quick, log)
+        try:
+            result = SUITES[name](args.model, args.quick, log)
+        except Exception:  # one suite failing must not lose the others' results
+            failed[name] = traceback.format_exc()
+            log(f"{name} FAILED after {time.monotonic() - t0:.0f} s:\n{failed[name]}")
+            continue
         status = result.pop("status", None)
         if status is not None and "blas" not in info:
-            info = machine(status)
+            info = machine(status) | ({"params": info["params"]} if "params" in info else {})
         if "params" in result:
             info["params"] = result["params"]
         results[name] = result
         log(f"{name} done in {time.monotonic() - t0:.0f} s")
+        _write(out, results, info, meta, failed, t_start, plots=False)  # partial, in case
+    report = _write(out, results, info, meta, failed, t_start, plots=True)
+    print(report)
+    return 1 if failed else 0
+
+
+def _write(
+    out: Path,
+    results: dict[str, Any],
+    info: dict[str, Any],
+    meta: dict[str, Any],
+    failed: dict[str, str],
+    t_start: float,
+    plots: bool,
+) -> Path:
     meta["elapsed_s"] = time.monotonic() - t_start
     meta["load_end"] = loadavg()
-    pngs = _plot(results, out)
+    meta["failed"] = failed
+    pngs = _plot(results, out) if plots else []
     (out / "results.json").write_text(
         json.dumps(_jsonable({"meta": meta, "machine": info, **results}), indent=1)
     )
-    (out / "report.md").write_text(_report(results, info, pngs, meta))
-    print(out / "report.md")
-    return 0
+    text = _report(results, info, pngs, meta)
+    for name, tb in failed.items():
+        text += f"\n## {name}: FAILED\n\n```\n{tb}```\n"
+    (out / "report.md").write_text(text)
+    return out / "report.md"
 
 
 if __name__ == "__main__":
