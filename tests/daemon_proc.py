@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,27 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["DaemonProcess", "short_tmpdir"]
+__all__ = ["DaemonProcess", "RawConnection", "block_bytes", "other_tiny_model", "short_tmpdir"]
+
+
+def block_bytes(model_cache: Path) -> int:
+    """KV bytes of one 256-token pool block of the tiny built-in model (float32)."""
+    (folder,) = (model_cache / "models").glob("builtin-tiny-*")
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+    return per_token * 256
+
+
+def other_tiny_model(model_cache: Path, dest: Path) -> Path:
+    """A copy of the tiny model with one weight changed: another model, another fingerprint."""
+    (tiny,) = (model_cache / "models").glob("builtin-tiny-*")
+    shutil.copytree(tiny, dest, ignore=shutil.ignore_patterns(".mlxd-*"))
+    weights = dest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 0x01
+    weights.write_bytes(bytes(data))
+    return dest
 
 
 def short_tmpdir() -> Path:

@@ -4,7 +4,6 @@ a private socket, model swaps."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection
+from .daemon_proc import DaemonProcess, RawConnection, other_tiny_model
 
 PEER_PROBE = """
 import os, socket
@@ -38,16 +37,6 @@ except (BrokenPipeError, ConnectionResetError):
 def _first_delta(conn: RawConnection) -> None:
     event = conn.next()
     assert isinstance(event, rpc.Notification) and event.method == rpc.DELTA_NOTIFICATION, event
-
-
-def _copy_model_with_other_weights(model_cache: Path, dest: Path) -> Path:
-    (tiny,) = (model_cache / "models").glob("builtin-tiny-*")
-    shutil.copytree(tiny, dest, ignore=shutil.ignore_patterns(".mlxd-*"))
-    weights = dest / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-8] ^= 0x01
-    weights.write_bytes(bytes(data))
-    return dest
 
 
 def test_sigterm_drains_replies_to_everyone_and_persists_sessions(
@@ -188,7 +177,7 @@ def test_peers_with_another_uid_are_refused(short_dir: Path, model_cache: Path) 
 def test_model_swap_under_load_and_a_failed_swap_keeps_the_old_model(
     short_dir: Path, model_cache: Path
 ) -> None:
-    other = _copy_model_with_other_weights(model_cache, short_dir / "model-b")
+    other = other_tiny_model(model_cache, short_dir / "model-b")
     proc = DaemonProcess(short_dir, model_cache, "--drain-timeout", "2").start()
     try:
         with Client(proc.socket) as client:

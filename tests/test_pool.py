@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
@@ -13,19 +12,12 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection
-
-
-def _block_bytes(model_cache: Path) -> int:
-    (folder,) = (model_cache / "models").glob("builtin-tiny-*")
-    config = json.loads((folder / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4 * 256
+from .daemon_proc import DaemonProcess, RawConnection, block_bytes
 
 
 def _small_pool(short_dir: Path, model_cache: Path, blocks: int, *args: str) -> DaemonProcess:
     DaemonProcess(short_dir, model_cache).start().stop()  # the model exists before we size the pool
-    budget = str(blocks * _block_bytes(model_cache))
+    budget = str(blocks * block_bytes(model_cache))
     return DaemonProcess(short_dir, model_cache, "--kv-budget", budget, *args).start()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,18 +10,9 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, short_tmpdir
+from .daemon_proc import DaemonProcess, block_bytes, other_tiny_model, short_tmpdir
 
 TURN = 12  # generated tokens per turn
-
-
-def _block_bytes(model_cache: Path) -> int:
-    """Bytes of one 256-token block of the tiny model's KV cache (float32)."""
-    (folder,) = (model_cache / "models").glob("builtin-tiny-*")
-    config = json.loads((folder / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
-    return per_token * 256
 
 
 @pytest.fixture
@@ -88,7 +78,7 @@ def test_six_sessions_under_a_two_session_budget_all_resume_exactly(
 ) -> None:
     _cold_start = DaemonProcess(folder, model_cache).start()  # generates the model if needed
     _cold_start.stop()
-    budget = 2 * _block_bytes(model_cache)
+    budget = 2 * block_bytes(model_cache)
     proc = DaemonProcess(folder, model_cache, "--kv-budget", str(budget)).start()
     try:
         with Client(proc.socket) as client:
@@ -175,14 +165,7 @@ def test_a_cache_from_another_model_is_never_used(folder: Path, model_cache: Pat
     with Client(proc.socket) as client:
         first = _turn(client, _conversation(4), "cross")
     assert proc.stop() == 0
-    # Model B: the tiny model with one weight changed, so its fingerprint differs.
-    (tiny,) = (model_cache / "models").glob("builtin-tiny-*")
-    other = folder / "model-b"
-    shutil.copytree(tiny, other, ignore=shutil.ignore_patterns(".mlxd-*"))
-    weights = other / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-8] ^= 0x01
-    weights.write_bytes(bytes(data))
+    other = other_tiny_model(model_cache, folder / "model-b")  # a fingerprint of its own
     (a_file,) = (folder / "state" / "sessions").glob("*/cross.safetensors")
     proc = DaemonProcess(folder, model_cache, model=str(other)).start()
     try:
@@ -209,7 +192,7 @@ def test_kv_bits_keeps_sessions_smaller_in_memory_and_on_disk(
     folder: Path, model_cache: Path
 ) -> None:
     DaemonProcess(folder, model_cache).start().stop()  # the model exists before we size anything
-    per_token = _block_bytes(model_cache) // 256
+    per_token = block_bytes(model_cache) // 256
     proc = DaemonProcess(folder, model_cache, "--kv-bits", "8").start()
     try:
         with Client(proc.socket) as client:
