@@ -63,14 +63,18 @@ def _client(args: argparse.Namespace) -> Client:
 def _generate(args: argparse.Namespace) -> int:
     from mlxd.client import RpcError
 
+    from .chat import sanitize
+
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
         sampling["seed"] = args.seed
     try:
         with _client(args) as client:
             stream = client.stream(args.prompt, session=args.session, **sampling)
+            # A terminal must not obey escape sequences a model emits; a pipe gets raw text.
+            show = sanitize if sys.stdout.isatty() else str
             for delta in stream:
-                sys.stdout.write(delta.text)
+                sys.stdout.write(show(delta.text))
                 sys.stdout.flush()
             result = stream.result
     except (RpcError, ConnectionError) as exc:
