@@ -129,7 +129,21 @@ class Daemon:
     def __enter__(self) -> Daemon:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def describe(self) -> str:
+        """Whether the process still runs, and its last log lines: for a failure report."""
+        proc = self.proc
+        state = (
+            "not started"
+            if proc is None
+            else ("running" if proc.poll() is None else f"exited with {proc.returncode}")
+        )
+        return f"daemon (pid {proc.pid if proc else '-'}) {state}; last log lines:\n" + "\n".join(
+            self.lines[-25:]
+        )
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            print(self.describe(), file=sys.stderr, flush=True)
         try:
             self.stop()
         finally:
