@@ -122,6 +122,7 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
             if session is not None:
                 daemon.sessions.commit(session, outcome.cache, outcome.cache_tokens, reservation)
                 session.turn.release()
+                daemon.pool.nudge()  # an idle session's blocks can be spilled for the queue
             else:
                 reservation.release()
 
@@ -147,6 +148,7 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
     finally:
         if session is not None and not turn_passed:
             session.turn.release()
+            daemon.pool.nudge()
     ctx.cancel_hook = lambda: daemon.engine.cancel(job)
     return await _follow(daemon, params, ctx, job, pending, t_arrival)
 

@@ -4,7 +4,9 @@ A request reserves ceil((prompt + max_tokens) / block_tokens) blocks; a hot sess
 the blocks of its cached tokens. A request that does not fit first asks `make_room`
 (which spills idle sessions to disk), then waits in a bounded FIFO queue; a full queue
 is refused at once with ServerBusy, and a request larger than the whole pool with
-ContextTooLong. Nothing waits forever without being counted.
+ContextTooLong. When blocks come back and the head of the queue still does not fit, it
+asks `make_room` again: sessions that went idle since may hold the rest. Nothing waits
+forever without being counted.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class Reservation:
 @dataclass(eq=False)
 class _Waiter:
     blocks: int
-    event: anyio.Event
+    event: anyio.Event  # set when granted, or when blocks came back but not enough
+    granted: bool = False
+    making_room: bool = False  # spilling for itself: not granted meanwhile, nor nudged
 
 
 class BlockPool:
@@ -117,14 +121,16 @@ class BlockPool:
             )
         reservation = self.try_reserve(blocks)
         if reservation is None and make_room is not None and not self._queue:
-            await make_room(blocks - self.free)
+            await make_room(blocks)
             reservation = self.try_reserve(blocks)
         if reservation is not None:
             self.admitted += 1
             return reservation
-        return await self._wait(blocks)
+        return await self._wait(blocks, make_room)
 
-    async def _wait(self, blocks: int) -> Reservation:
+    async def _wait(
+        self, blocks: int, make_room: Callable[[int], Awaitable[None]] | None
+    ) -> Reservation:
         if len(self._queue) >= self.max_queue:
             self.rejected += 1
             raise rpc.RpcError(
@@ -135,9 +141,20 @@ class BlockPool:
         waiter = _Waiter(blocks, anyio.Event())
         self._queue.append(waiter)
         try:
-            await waiter.event.wait()
+            while not waiter.granted:
+                await waiter.event.wait()
+                waiter.event = anyio.Event()
+                if waiter.granted or make_room is None:
+                    continue
+                # At the head, still short: spill the sessions that went idle meanwhile.
+                waiter.making_room = True
+                try:
+                    await make_room(blocks)
+                finally:
+                    waiter.making_room = False
+                self._grant()  # not _wake: a nudge to itself would spin
         except BaseException:
-            if waiter.event.is_set():
+            if waiter.granted:
                 self._give_back(blocks)  # granted while being cancelled
             else:
                 self._queue.remove(waiter)
@@ -153,9 +170,23 @@ class BlockPool:
         self.used = max(0, self.used - blocks)
         self._wake()
 
+    def nudge(self) -> None:
+        """A session went idle holding blocks: the queue's head may spill it to fit."""
+        self._wake()
+
     def _wake(self) -> None:
-        # Strict FIFO: the head waits until it fits; nobody jumps the queue.
-        while self._queue and self._queue[0].blocks <= self.free:
-            waiter = self._queue.popleft()
+        self._grant()
+        if self._queue and not self._queue[0].making_room:
+            self._queue[0].event.set()  # blocks came back, not enough: it may make room
+
+    def _grant(self) -> None:
+        # Strict FIFO: the head waits until it fits; nobody jumps the queue. A head making
+        # room is granted when it is done, so that it does not spill more than it needs.
+        while self._queue and not self._queue[0].making_room:
+            waiter = self._queue[0]
+            if waiter.blocks > self.free:
+                return
+            self._queue.popleft()
             self.used += waiter.blocks
+            waiter.granted = True
             waiter.event.set()
