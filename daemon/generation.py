@@ -92,8 +92,10 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
     session = daemon.sessions.open(params.session) if params.session else None
     if session is not None:
         await session.turn.acquire()
-    turn_passed = False
+    turn_passed = slot_taken = False
     try:
+        await _compute_slot(daemon)
+        slot_taken = True
         held = daemon.sessions.detach_blocks(session) if session is not None else None
         try:
             reservation = await daemon.pool.reserve(requested, daemon.sessions.make_room, held)
@@ -119,6 +121,7 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
             daemon.pool.mean_hold_s = 0.9 * daemon.pool.mean_hold_s + 0.1 * (
                 outcome.t_end - outcome.t_start
             )
+            daemon.slots.release()
             if session is not None:
                 daemon.sessions.commit(session, outcome.cache, outcome.cache_tokens, reservation)
                 session.turn.release()
@@ -146,11 +149,27 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
         daemon.engine.submit(job)
         turn_passed = True
     finally:
+        if slot_taken and not turn_passed:
+            daemon.slots.release()
         if session is not None and not turn_passed:
             session.turn.release()
             daemon.pool.nudge()
     ctx.cancel_hook = lambda: daemon.engine.cancel(job)
     return await _follow(daemon, params, ctx, job, pending, t_arrival)
+
+
+async def _compute_slot(daemon: Daemon) -> None:
+    """One of the engine's `--max-batch` slots, in arrival order; ServerBusy at once when
+    `--max-queue` requests already wait, so an overloaded daemon says so instead of
+    queueing without bound inside the batch generator."""
+    slots = daemon.slots
+    if slots.busy and slots.waiting >= daemon.config.max_queue:
+        raise rpc.RpcError(
+            rpc.ErrorCode.SERVER_BUSY,
+            f"server busy: {slots.waiting} requests wait for the engine (limit {daemon.config.max_queue})",
+            {"retry_after_ms": daemon.pool.retry_after_ms(), "queue_depth": slots.waiting},
+        )
+    await slots.acquire()
 
 
 async def _follow(

@@ -26,6 +26,7 @@ from .model import LoadedModel, load_model
 from .pool import BlockPool
 from .server import RequestContext, RpcServer
 from .sessions import ModelShape, SessionStore
+from .turns import Turn
 
 __all__ = ["Daemon"]
 
@@ -53,6 +54,7 @@ class Daemon:
         self.model: LoadedModel = None  # type: ignore[assignment]
         self.pool: BlockPool = None  # type: ignore[assignment]
         self.sessions: SessionStore = None  # type: ignore[assignment]
+        self.slots = Turn(config.max_batch)  # the engine's compute slots, handed out FIFO
         self.shutdown_requested = anyio.Event()
         self.shutdown_drain_s: float | None = None
         self.server = RpcServer(
@@ -267,7 +269,8 @@ class Daemon:
 
     async def status(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
         pool, engine = self.pool, self.engine
-        degraded = pool.utilization > 0.9 or pool.queue_depth > 0
+        waiting = pool.queue_depth + self.slots.waiting
+        degraded = pool.utilization > 0.9 or waiting > 0
         state = "draining" if self.state == "draining" else ("degraded" if degraded else "ok")
         ttft, itl = engine.ttft_ms.percentiles(), engine.itl_ms.percentiles()
         return rpc.StatusResult(
@@ -277,7 +280,7 @@ class Daemon:
             pool=rpc.PoolStatus(
                 pool.block_tokens, pool.total, pool.used, round(pool.utilization, 4)
             ),
-            queue=rpc.QueueStatus(pool.queue_depth, pool.max_queue),
+            queue=rpc.QueueStatus(waiting, pool.max_queue),
             active=engine.active,
             sessions=self.sessions.tier_status(),
             latency_ms=rpc.LatencyStatus(rpc.Percentiles(*ttft), rpc.Percentiles(*itl)),

@@ -1,4 +1,5 @@
-"""A FIFO turn per session: its requests run one at a time, in order of arrival.
+"""FIFO turns: a session's requests run one at a time, in order of arrival; the engine's
+compute slots (`--max-batch`) are handed out the same way.
 
 Unlike a lock, a turn can be passed on from any code on the event loop: a generate hands
 its turn to the engine's outcome callback, so a request whose client vanished still
@@ -15,17 +16,21 @@ __all__ = ["Turn"]
 
 
 class Turn:
-    def __init__(self) -> None:
-        self.busy = False
+    def __init__(self, slots: int = 1) -> None:
+        self.free = slots
         self._waiters: deque[anyio.Event] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return self.free == 0
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
     async def acquire(self) -> None:
-        if not self.busy and not self._waiters:
-            self.busy = True
+        if self.free and not self._waiters:
+            self.free -= 1
             return
         event = anyio.Event()
         self._waiters.append(event)
@@ -42,4 +47,4 @@ class Turn:
         if self._waiters:
             self._waiters.popleft().set()  # ownership passes straight to the next waiter
         else:
-            self.busy = False
+            self.free += 1

@@ -174,3 +174,34 @@ def test_a_client_that_stops_reading_does_not_slow_the_others(daemon: DaemonProc
             assert time.monotonic() < deadline, "the stalled request was never cancelled"
         assert status.memory.rss_bytes < 4 * 1024**3
         assert status.totals.cancelled >= 1
+
+
+def test_compute_overload_is_refused_at_once(short_dir: Path, model_cache: Path) -> None:
+    """Memory to spare, but every engine slot taken and the queue full: ServerBusy at once."""
+    proc = DaemonProcess(short_dir, model_cache, "--max-batch", "2", "--max-queue", "1").start()
+    try:
+        runners = [RawConnection(proc.socket) for _ in range(2)]
+        for conn in runners:
+            conn.request(1, "generate", {"prompt": "busy", "max_tokens": 3000, "stream": True})
+            assert isinstance(conn.next(), rpc.Notification)
+        queued = RawConnection(proc.socket)
+        queued.request(1, "generate", {"prompt": "wait", "max_tokens": 4})
+        with Client(proc.socket) as client:
+            deadline = time.monotonic() + 30
+            while client.status().queue.depth == 0:
+                assert time.monotonic() < deadline
+            started = time.perf_counter()
+            with pytest.raises(rpc.RpcError) as busy:
+                client.generate("refused", max_tokens=4)
+            assert time.perf_counter() - started < 2.0
+            assert busy.value.code == rpc.ErrorCode.SERVER_BUSY
+            assert busy.value.data["queue_depth"] == 1
+            assert client.status().state == "degraded"
+        for conn in runners:
+            conn.send(rpc.notification("$/cancelRequest", {"id": 1}))
+            assert conn.reply(1).error.code == rpc.ErrorCode.REQUEST_CANCELLED  # type: ignore[union-attr]
+            conn.close()
+        assert queued.reply(1).error is None  # type: ignore[union-attr]
+        queued.close()
+    finally:
+        assert proc.stop() == 0
