@@ -1,0 +1,143 @@
+"""A short soak: a few hundred mixed requests (sessions, cancels, vanishing clients, bad
+params) against one daemon; memory and descriptors return to their warmed-up baseline."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mlxd import rpc
+from mlxd.client import Client
+
+from .daemon_proc import DaemonProcess, RawConnection, short_tmpdir
+
+SESSIONS = [f"soak-{i}" for i in range(4)]
+KINDS = ["generate", "session", "cancel", "vanish", "tokenize", "bad"]
+RSS_MARGIN = 24 * 1024**2
+MLX_MARGIN = 1024**2
+
+
+@pytest.fixture(scope="module")
+def soaked(model_cache: Path) -> Iterator[DaemonProcess]:
+    folder = short_tmpdir()
+    proc = DaemonProcess(folder, model_cache).start()
+    yield proc
+    proc.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _one(socket: Path, kind: str, rng: random.Random, lock: threading.Lock) -> str:
+    """Run one request of `kind`; returns how it ended."""
+    if kind in ("generate", "session", "tokenize", "bad"):
+        with Client(socket) as client:
+            if kind == "generate":
+                client.generate(f"soak {rng.random()}", max_tokens=rng.randint(1, 12))
+            elif kind == "session":
+                session = rng.choice(SESSIONS)
+                with lock:  # one turn per session at a time keeps the conversations whole
+                    prompt = f"{session}: " + "turn. " * rng.randint(1, 30)
+                    client.generate(prompt, session=session, max_tokens=rng.randint(1, 8))
+            elif kind == "tokenize":
+                client.tokenize("soak " * rng.randint(1, 50))
+            else:
+                try:
+                    client.generate("bad", max_tokens=0)
+                except rpc.RpcError as exc:
+                    assert exc.code == rpc.ErrorCode.INVALID_PARAMS
+        return kind
+    conn = RawConnection(socket)
+    try:
+        conn.request(1, "generate", {"prompt": f"{kind} me", "max_tokens": 500, "stream": True})
+        assert isinstance(conn.next(), rpc.Notification)
+        if kind == "cancel":
+            conn.send(rpc.notification("$/cancelRequest", {"id": 1}))
+            reply = conn.reply(1)
+            assert isinstance(reply, rpc.Response) and reply.error is not None
+            assert reply.error.code == rpc.ErrorCode.REQUEST_CANCELLED
+    finally:
+        conn.close()  # "vanish": gone mid-stream
+    return kind
+
+
+@dataclass
+class Usage:
+    rss: int
+    mlx_active: int
+    fds: int
+
+
+def _settle_and_measure(proc: DaemonProcess) -> Usage:
+    """Wait until nothing runs and no session is held, then read memory and descriptors."""
+    assert proc.proc is not None
+    with Client(proc.socket) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            status = client.status()
+            idle = status.active == 0 and status.queue.depth == 0 and status.connections == 1
+            if idle:
+                for info in client.sessions_list():
+                    client.sessions_delete(info.session)
+                status = client.status()
+                if status.pool.blocks_used == 0 and status.sessions.hot == 0:
+                    break
+            assert time.monotonic() < deadline, status
+        # The engine samples MLX memory after each step: one small step refreshes it.
+        client.generate("measure", max_tokens=2)
+        status = client.status()
+        fds = len(os.listdir(f"/proc/{proc.proc.pid}/fd")) - 1  # not this client's socket
+    return Usage(status.memory.rss_bytes, status.memory.mlx_active_bytes, fds)
+
+
+def _run_mix(proc: DaemonProcess, count: int, seed: int, workers: int = 6) -> Counter[str]:
+    rng = random.Random(seed)
+    kinds = [rng.choice(KINDS) for _ in range(count)]
+    done: Counter[str] = Counter()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    todo = iter(enumerate(kinds))
+    take = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with take:
+                item = next(todo, None)
+            if item is None or errors:
+                return
+            i, kind = item
+            try:
+                outcome = _one(proc.socket, kind, random.Random(seed * 1000 + i), lock)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            with take:
+                done[outcome] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    if errors:
+        raise errors[0]
+    return done
+
+
+def test_a_few_hundred_mixed_requests_leave_no_residue(soaked: DaemonProcess) -> None:
+    _run_mix(soaked, 80, seed=1)  # warm-up: allocator pools, kernels, thread pools
+    baseline = _settle_and_measure(soaked)
+    done = _run_mix(soaked, 300, seed=2)
+    assert sum(done.values()) == 300 and set(done) == set(KINDS), done
+    after = _settle_and_measure(soaked)
+    assert soaked.proc is not None and soaked.proc.poll() is None
+    assert after.fds == baseline.fds, (baseline, after)
+    assert after.mlx_active <= baseline.mlx_active + MLX_MARGIN, (baseline, after)
+    assert after.rss <= baseline.rss + RSS_MARGIN, (baseline, after)
