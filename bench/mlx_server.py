@@ -1,0 +1,384 @@
+"""`mlx_lm.server` (mlx-lm's OpenAI-style HTTP server, with its LRU prompt cache) as a
+baseline: start it on 127.0.0.1, talk to it with streaming requests, and measure its
+aggregate tokens/s with N concurrent streaming clients against the daemon's.
+
+The server runs in its own process, started the way `mlx_lm.server --model FOLDER` starts
+it, except that the process imports `mlxd.daemon` first: that loads OpenBLAS before
+mlx.core, as the daemon does, so both sides run the same matmul code (without it mlx's
+bundled reference BLAS is ~30x slower on CPU and the comparison would mean nothing).
+
+Throughput, like bench/throughput.py: the same prompts (`throughput.prompts`), max_tokens
+and greedy decoding; each client on its own connection (mlxd: its socket; mlx_lm.server:
+one HTTP request with `"stream": true`); aggregate = completion tokens of every client /
+wall time from the first send to the last byte. Every mlx_lm.server measurement is paired
+with the same daemon measurement just before or after it (the order alternating by round),
+one of the two computing at a time, and the ratio daemon / mlx_lm.server is taken per
+pair, then the median.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlxd.client import Client
+
+from .common import MODEL_CACHE, ROOT, Daemon, loadavg, median
+from .throughput import _cpu_s, _through_daemon, prompts
+
+__all__ = ["MlxServer", "complete", "run"]
+
+CLIENTS = (1, 4, 16)
+
+# Resolve the model folder (generating a built-in model on first use) and run
+# mlx_lm.server's own main() on it, OpenBLAS loaded first.
+LAUNCHER = r"""
+import os, sys
+from pathlib import Path
+import mlxd.daemon  # OpenBLAS before mlx.core, as in the daemon
+from mlxd.daemon.builtin_model import ensure_builtin
+
+spec = sys.argv[1]
+folder = ensure_builtin(spec.removeprefix("builtin:"), Path(os.environ["MLXD_CACHE_DIR"])) \
+    if spec.startswith("builtin:") else spec
+sys.argv = ["mlx_lm.server", "--model", str(folder), *sys.argv[2:]]
+from mlx_lm.server import main
+main()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlxServer:
+    """`mlx_lm.server` on 127.0.0.1 and a free port. `start()` returns once `/health` says
+    ok and one small completion went through (the model is loaded in the server's
+    generation thread, after the socket opens); `stop()` ends the process."""
+
+    def __init__(self, model: str, *args: str) -> None:
+        self.model, self.args = model, list(args)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[str] = []
+        self.start_s = 0.0
+
+    def start(self, timeout: float = 600.0) -> MlxServer:
+        self.port = _free_port()
+        env = dict(os.environ, MLXD_CACHE_DIR=str(MODEL_CACHE), PYTHONPATH=str(ROOT))
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [
+            sys.executable, "-c", LAUNCHER, self.model, "--host", "127.0.0.1",
+            "--port", str(self.port), "--log-level", "WARNING", *self.args,
+        ]  # fmt: skip
+        self.lines = []
+        t0 = time.perf_counter()
+        self.proc = proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, cwd=ROOT,
+        )  # fmt: skip
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                del self.lines[:-200]
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("mlx_lm.server did not start:\n" + "\n".join(self.lines[-30:]))
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("mlx_lm.server did not answer /health in time")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                ok = conn.getresponse().status == 200
+                conn.close()
+                if ok:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        complete(self.port, "warm up", max_tokens=2)  # waits for the model to load
+        self.start_s = time.perf_counter() - t0
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # no drain to wait for: nothing is in flight when we stop
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        self.proc = None
+
+    kill = stop
+
+    def __enter__(self) -> MlxServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def complete(
+    port: int, prompt: str, max_tokens: int, timeout: float = 900.0, t0: float | None = None
+) -> dict[str, Any]:
+    """One streaming `/v1/completions` request (greedy, usage included); times measured by
+    the client from `t0` (default: now): `ttft_s` to the first chunk carrying text, `end_s`
+    to `[DONE]`."""
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0 = time.perf_counter() if t0 is None else t0
+    first = None
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
+    finish = None
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"mlx_lm.server answered {resp.status}: {resp.read()[:500]!r}")
+        for raw in resp:  # server-sent events; ": keepalive" comments during the prefill
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            event = json.loads(data)
+            usage = event.get("usage") or usage
+            for choice in event.get("choices", []):
+                text = choice.get("text") or ""
+                if text:
+                    if first is None:
+                        first = time.perf_counter()
+                    parts.append(text)
+                finish = choice.get("finish_reason") or finish
+    finally:
+        conn.close()
+    end = time.perf_counter()
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    return {
+        "text": "".join(parts),
+        "ttft_s": (first or end) - t0,
+        "end_s": end - t0,
+        "sent": t0,
+        "end": end,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "cached_tokens": cached,
+        "completion_tokens": usage.get("completion_tokens"),
+        "finish_reason": finish,
+    }
+
+
+def _through_server(port: int, n: int, max_tokens: int, texts: list[str]) -> dict[str, Any]:
+    """n concurrent streaming HTTP requests; wall = first send to last [DONE]."""
+    rows: list[dict[str, Any] | None] = [None] * n
+    errors: list[BaseException] = []
+    ready = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        try:
+            ready.wait()
+            rows[i] = complete(port, texts[i], max_tokens)
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    done = [r for r in rows if r is not None]
+    wall = max(r["end"] for r in done) - min(r["sent"] for r in done)
+    tokens = sum(int(r["completion_tokens"] or 0) for r in done)
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tps": tokens / wall,
+        "texts": [r["text"] for r in done],
+        "stopped_early": sum(r["finish_reason"] == "stop" for r in done),
+        "ttft_ms_p50": median([r["ttft_s"] * 1000 for r in done]),
+    }
+
+
+def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]:
+    """Aggregate tokens/s, mlxd vs mlx_lm.server, N concurrent streaming clients."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    counts = tuple(opts.get("clients", CLIENTS))
+    max_tokens = int(opts.get("max_tokens", 32 if quick else 128))
+    rounds = int(opts.get("rounds", 1 if quick else 2))
+    texts = prompts(max(counts))
+    log("  starting mlx_lm.server and the daemon")
+    with MlxServer(model) as server, Daemon(model) as daemon:
+        assert daemon.proc is not None
+        with Client(daemon.socket) as client:
+            client.generate(texts[1], max_tokens=8)  # warm-up, like the server's
+            status = client.status()
+        complete(server.port, texts[1], max_tokens=8)
+        pids = {"mlxd": daemon.proc.pid, "mlx_lm.server": server.pid}
+        idle_cpu = {"mlxd": 0.0, "mlx_lm.server": 0.0}
+        pairs: list[dict[str, Any]] = []
+        for k in range(rounds):
+            order = ("mlx_lm.server", "mlxd") if k % 2 == 0 else ("mlxd", "mlx_lm.server")
+            for n in counts:
+                got: dict[str, Any] = {"round": k, "n": n}
+                for side in order:
+                    other = "mlxd" if side == "mlx_lm.server" else "mlx_lm.server"
+                    before = _cpu_s(pids[other])
+                    if side == "mlxd":
+                        d = _through_daemon(daemon.socket, n, max_tokens, texts)
+                        d["texts"] = [r["result"].text for r in d.pop("client")]
+                        got[side] = d
+                    else:
+                        got[side] = _through_server(server.port, n, max_tokens, texts)
+                    idle_cpu[other] += _cpu_s(pids[other]) - before
+                pairs.append(got)
+                d_tps, s_tps = got["mlxd"]["tps"], got["mlx_lm.server"]["tps"]
+                log(
+                    f"  round {k + 1}/{rounds}, {n} clients: mlxd {d_tps:.1f} vs mlx_lm.server "
+                    f"{s_tps:.1f} tok/s = {d_tps / s_tps:.2f}x, load {loadavg()}"
+                )
+    rows = []
+    for n in counts:
+        ps = [p for p in pairs if p["n"] == n]
+        d_tps = [p["mlxd"]["tps"] for p in ps]
+        s_tps = [p["mlx_lm.server"]["tps"] for p in ps]
+        ratios = [d / s for d, s in zip(d_tps, s_tps, strict=True)]
+        same = sum(
+            a == b
+            for p in ps
+            for a, b in zip(p["mlxd"]["texts"], p["mlx_lm.server"]["texts"], strict=True)
+        )
+        rows.append(
+            {
+                "clients": n,
+                "daemon_tps": median(d_tps),
+                "server_tps": median(s_tps),
+                "ratio": median(ratios),
+                "ratios": ratios,
+                "daemon_tps_rounds": d_tps,
+                "server_tps_rounds": s_tps,
+                "daemon_ttft_ms_p50": median([p["mlxd"]["ttft_ms_p50"] for p in ps]),
+                "server_ttft_ms_p50": median([p["mlx_lm.server"]["ttft_ms_p50"] for p in ps]),
+                "daemon_tokens": ps[-1]["mlxd"]["tokens"],
+                "server_tokens": ps[-1]["mlx_lm.server"]["tokens"],
+                "stopped_early": f"{sum(p['mlxd']['stopped_early'] for p in ps)} / "
+                f"{sum(p['mlx_lm.server']['stopped_early'] for p in ps)}",
+                "same_text": f"{same}/{n * len(ps)}",
+            }
+        )
+    return {
+        "status": status,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "idle_cpu_s": idle_cpu,
+        "server_start_s": server.start_s,
+        "server_args": "defaults (--decode-concurrency 32, --prompt-concurrency 8)",
+        "rows": rows,
+    }
+
+
+# -- report ------------------------------------------------------------------------------
+
+TARGET = 1.0  # mlxd aggregate tok/s / mlx_lm.server's, at every client count
+
+
+def headline(res: dict[str, Any]) -> list[str]:
+    return [
+        f"| mlxd ≥ {TARGET:.1f}x mlx_lm.server, {r['clients']} streaming client(s) | {r['ratio']:.2f}x "
+        f"({r['daemon_tps']:.1f} vs {r['server_tps']:.1f} tok/s) | {'yes' if r['ratio'] >= TARGET else '**no**'} |"
+        for r in res["rows"]
+    ]
+
+
+def section(res: dict[str, Any], throughput: dict[str, Any] | None = None) -> list[str]:
+    suite = {r["clients"]: r for r in (throughput or {}).get("rows", [])}
+    lines = [
+        f"## mlx_lm.server throughput (greedy, max_tokens {res['max_tokens']}, median of "
+        f"{res['rounds']} round(s))",
+        "",
+        "mlx_lm.server (mlx-lm's HTTP server, " + res["server_args"] + ", OpenBLAS loaded first as "
+        "in the daemon) and mlxd run side by side, one computing at a time (CPU used by the idle "
+        f"side meanwhile: mlxd {res['idle_cpu_s']['mlxd']:.1f} s, mlx_lm.server "
+        f"{res['idle_cpu_s']['mlx_lm.server']:.1f} s). Same prompts as the throughput suite; each "
+        "client streams on its own connection (HTTP `/v1/completions` with `stream: true`, or the "
+        "socket). Aggregate = completion tokens / wall time from the first send to the last byte; "
+        "each mlx_lm.server measurement is paired with the mlxd one just before or after it, the "
+        "ratio taken per pair.",
+        "",
+        "| clients | mlxd tok/s | mlx_lm.server tok/s | ratio (per round) | mlxd TTFT p50 ms | "
+        "mlx_lm.server TTFT p50 ms | same text | mlxd tok/s in the throughput suite |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        rounds = ", ".join(f"{x:.2f}" for x in r["ratios"])
+        other = suite.get(r["clients"])
+        lines.append(
+            f"| {r['clients']} | {r['daemon_tps']:.1f} | {r['server_tps']:.1f} | **{r['ratio']:.2f}x** "
+            f"({rounds}) | {r['daemon_ttft_ms_p50']:.0f} | {r['server_ttft_ms_p50']:.0f} | {r['same_text']} | "
+            + (f"{other['daemon_tps']:.1f}" if other else "-")
+            + " |"
+        )
+    lines += [
+        "",
+        "TTFT here is the client's (send to first text). `same text`: replies identical between the "
+        "two servers. The throughput suite's mlxd column was measured at another time (other load); "
+        "the ratio uses the paired numbers only.",
+        "",
+    ]
+    return lines
+
+
+def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.38
+    xs = list(range(len(rows)))
+    d = ax.bar([i - w / 2 for i in xs], [r["daemon_tps"] for r in rows], w, label="mlxd")
+    s = ax.bar([i + w / 2 for i in xs], [r["server_tps"] for r in rows], w, label="mlx_lm.server")
+    ax.bar_label(d, labels=[f"{r['ratio']:.2f}x" for r in rows], fontsize=8)
+    ax.bar_label(s, fmt="%.1f", fontsize=8)
+    ax.set_xticks(xs, [str(r["clients"]) for r in rows])
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("generated tokens/s (aggregate)")
+    ax.set_title(f"mlxd vs mlx_lm.server, max_tokens {res['max_tokens']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "mlx_server.png", dpi=110)
+    return "mlx_server.png"
