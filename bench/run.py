@@ -1,6 +1,6 @@
 """Run the mlxd benchmarks; write <out>/report.md, results.json and PNG plots.
 
-    .venv/bin/python bench/run.py [--quick] [--suite throughput,resume,latency] [--out DIR]
+    .venv/bin/python bench/run.py [--quick] [--suite throughput,resume,...] [--soak MINUTES] [--out DIR]
 
 Default --out: bench/results/<YYYY-MM-DD-HHMM>/. See bench/README.md.
 """
@@ -21,17 +21,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import latency, resume, throughput
+from bench import agents, latency, memory, mlx_server, resume, soak, throughput
 from bench.common import MODEL_CACHE, loadavg, machine
 
 SUITES: dict[str, Any] = {
     "throughput": throughput.run,
     "resume": resume.run,
     "latency": lambda model, quick, log: latency.run(model, quick),
+    "mlx_server": mlx_server.run,
+    "agents": agents.run,
+    "memory": memory.run,
+    "soak": soak.run,
+}
+# Suites whose report section, headline rows and plot live in their own module.
+MODULES: dict[str, Any] = {
+    "mlx_server": mlx_server,
+    "agents": agents,
+    "memory": memory,
+    "soak": soak,
 }
 
-# latency is slow (minutes even with --quick) and has no targets: run it by name.
-DEFAULT_SUITES = ("throughput", "resume")
+# latency is slow (minutes even with --quick) and has no targets: run it by name; soak
+# runs for --soak MINUTES, or by name (1 min with --quick, else 5).
+DEFAULT_SUITES = ("throughput", "mlx_server", "resume", "agents", "memory")
 
 # Targets are reported against, never asserted.
 TARGET_BATCH = 0.9  # daemon vs batch_generate at 16 clients
@@ -133,6 +145,9 @@ def _plot(results: dict[str, Any], out: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out / "latency.png", dpi=110)
         pngs.append("latency.png")
+    for name, module in MODULES.items():
+        if name in results:
+            pngs.append(module.plot(results[name], out, plt))
     plt.close("all")
     return pngs
 
@@ -180,6 +195,9 @@ def _headline(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| turn-2 tokens identical cold / hot / disk (greedy) | {each} | {'yes' if ok else '**no**'} |"
         )
+    for name, module in MODULES.items():
+        if name in results:
+            lines += module.headline(results[name])
     return lines
 
 
@@ -342,6 +360,11 @@ def _report(
         lines += _resume_section(results["resume"])
     if "latency" in results:
         lines += _latency_section(results["latency"])
+    for name, module in MODULES.items():
+        if name == "mlx_server" and name in results:
+            lines += module.section(results[name], results.get("throughput"))
+        elif name in results:
+            lines += module.section(results[name])
     lines += [f"![{p}]({p})" for p in pngs]
     return "\n".join(lines) + "\n"
 
@@ -382,10 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="builtin:small")
     parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="also run the soak suite (steady mixed load) for MINUTES (default: off)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="folder for the report (default: bench/results/<date>)"
     )
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if args.soak and "soak" not in names:
+        names.append("soak")
     unknown = [s for s in names if s not in SUITES]
     if unknown or not names:
         parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
@@ -407,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         log(f"{name}{' (quick)' if args.quick else ''} ...")
         try:
-            result = SUITES[name](args.model, args.quick, log)
+            opts = {"minutes": args.soak} if name == "soak" and args.soak else {}
+            result = SUITES[name](args.model, args.quick, log, **opts)
         except Exception:  # one suite failing must not lose the others' results
             failed[name] = traceback.format_exc()
             log(f"{name} FAILED after {time.monotonic() - t0:.0f} s:\n{failed[name]}")
