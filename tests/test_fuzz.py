@@ -27,6 +27,25 @@ CODEC_CODES = {rpc.ErrorCode.PARSE_ERROR, rpc.ErrorCode.INVALID_REQUEST}
 ALL_CODES = set(rpc.ErrorCode)
 
 
+FRAME_CAP = 1024 * 1024  # --max-frame-bytes: big enough for the corpus, quick to exceed
+IDLE_S = 1.0  # --idle-frame-timeout
+
+
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def daemon(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[DaemonProcess]:
+    """This module's daemon: the tiny model, a 1 MiB frame cap and a 1 s idle timeout."""
+    folder = short_tmpdir()
+    proc = DaemonProcess(
+        folder,
+        model_cache,
+        "--max-frame-bytes", str(FRAME_CAP), "--idle-frame-timeout", str(IDLE_S),
+        backend=str(request.param),
+    ).start()  # fmt: skip
+    yield proc
+    proc.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 # -- the codec: properties over arbitrary and mutated bytes ------------------------------
 
 
@@ -527,19 +546,9 @@ def test_a_frame_split_byte_by_byte_is_one_message(daemon: DaemonProcess) -> Non
             conn.close()
 
 
-def test_a_frame_over_the_default_8mib_cap_is_refused_and_closed(daemon: DaemonProcess) -> None:
-    conn = RawConnection(daemon.socket)
-    try:
-        conn.send_bytes(b'{"jsonrpc":"2.0","id":1,"method":"tokenize","params":{"text":"')
-        conn.send_bytes(b"x" * rpc.DEFAULT_MAX_FRAME_BYTES)
-        event = conn.next()
-        assert isinstance(event, rpc.Response) and event.error is not None
-        assert event.error.code == E.INVALID_REQUEST
-        assert event.error.data["limit"] == rpc.DEFAULT_MAX_FRAME_BYTES
-        assert conn.next() is rpc.CLOSED
-    finally:
-        conn.close()
-    _still_serving(daemon.socket)
+def test_the_frame_cap_is_configured_and_advertised(daemon: DaemonProcess) -> None:
+    with Client(daemon.socket) as client:
+        assert client.initialize().capabilities.max_frame_bytes == FRAME_CAP
 
 
 def test_per_connection_limit_counts_null_ids_and_batch_items(daemon: DaemonProcess) -> None:
@@ -583,23 +592,6 @@ def test_a_huge_top_k_does_not_fail_the_rest_of_the_batch(daemon: DaemonProcess)
 
 
 # -- framing limits: a daemon with a small frame cap and a 1 s idle timeout ---------------
-
-FRAME_CAP = 64 * 1024
-IDLE_S = 1.0
-
-
-@pytest.fixture(scope="module", params=["asyncio", "trio"])
-def strict(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[DaemonProcess]:
-    folder = short_tmpdir()
-    proc = DaemonProcess(
-        folder,
-        model_cache,
-        "--max-frame-bytes", str(FRAME_CAP), "--idle-frame-timeout", str(IDLE_S),
-        backend=str(request.param),
-    ).start()  # fmt: skip
-    yield proc
-    proc.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _until_closed(conn: RawConnection) -> tuple[list[tuple[Any, int | None]], float]:
@@ -646,10 +638,10 @@ BREAKING: dict[str, tuple[bytes, rpc.Framing, list[tuple[Any, int | None]], bool
 
 
 @pytest.mark.parametrize("name", list(BREAKING))
-def test_broken_framing_gets_an_error_and_a_clean_close(strict: DaemonProcess, name: str) -> None:
+def test_broken_framing_gets_an_error_and_a_clean_close(daemon: DaemonProcess, name: str) -> None:
     data, framing, expected, idle = BREAKING[name]
-    conn = RawConnection(strict.socket, framing=framing)
-    bystander = RawConnection(strict.socket)  # connected, silent: no partial frame to time out
+    conn = RawConnection(daemon.socket, framing=framing)
+    bystander = RawConnection(daemon.socket)  # connected, silent: no partial frame to time out
     try:
         conn.send_bytes(data)
         replies, elapsed = _until_closed(conn)
@@ -661,11 +653,11 @@ def test_broken_framing_gets_an_error_and_a_clean_close(strict: DaemonProcess, n
     finally:
         conn.close()
         bystander.close()
-    _still_serving(strict.socket)
+    _still_serving(daemon.socket)
 
 
-def test_idle_close_answers_the_requests_in_flight(strict: DaemonProcess) -> None:
-    conn = RawConnection(strict.socket)
+def test_idle_close_answers_the_requests_in_flight(daemon: DaemonProcess) -> None:
+    conn = RawConnection(daemon.socket)
     try:
         conn.request(1, "generate", {"prompt": "then stall", "max_tokens": 3000, "stream": True})
         assert isinstance(conn.next(), rpc.Notification)
@@ -675,7 +667,7 @@ def test_idle_close_answers_the_requests_in_flight(strict: DaemonProcess) -> Non
         assert elapsed >= IDLE_S * 0.9
     finally:
         conn.close()
-    with Client(strict.socket) as client:
+    with Client(daemon.socket) as client:
         deadline = time.monotonic() + 30
         while (status := client.status()).active:
             assert time.monotonic() < deadline
