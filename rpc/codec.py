@@ -164,7 +164,7 @@ class _Envelope(msgspec.Struct):
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder()
-# msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 inside a string.
+# Invalid UTF-8 inside a string is a DecodeError in recent msgspec, a UnicodeDecodeError in older.
 _UNPARSEABLE = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 # U+2028/U+2029 are legal raw inside JSON strings, but str.splitlines(), JavaScript and many
 # line-oriented tools treat them as line breaks; escaping keeps one message per line for them.

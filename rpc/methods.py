@@ -64,9 +64,9 @@ def decode_params(method: str, params: msgspec.Raw | None) -> Any:
         return spec.params_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}") from None
-    except msgspec.DecodeError as exc:  # not reachable for a Raw cut from valid JSON
-        raise RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}") from None
-    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 only when it decodes a string
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # The envelope leaves params as Raw, unchecked: msgspec sees invalid UTF-8 inside a
+        # string only now (a DecodeError in recent msgspec, a UnicodeDecodeError in older).
         raise RpcError(ErrorCode.PARSE_ERROR, f"parse error in params: {exc}") from None
 
 
