@@ -33,11 +33,10 @@ from typing import Any
 from mlxd.client import Client
 
 from .common import MODEL_CACHE, ROOT, Daemon, loadavg, median
-from .throughput import _cpu_s, _through_daemon, prompts
+from .throughput import CLIENTS, QUICK_CLIENTS, _cpu_s, _through_daemon, prompts
 
 __all__ = ["MlxServer", "complete", "run"]
 
-CLIENTS = (1, 4, 16)
 
 # Resolve the model folder (generating a built-in model on first use) and run
 # mlx_lm.server's own main() on it, OpenBLAS loaded first.
@@ -240,7 +239,7 @@ def _through_server(port: int, n: int, max_tokens: int, texts: list[str]) -> dic
 def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]:
     """Aggregate tokens/s, mlxd vs mlx_lm.server, N concurrent streaming clients."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    counts = tuple(opts.get("clients", CLIENTS))
+    counts = tuple(opts.get("clients", QUICK_CLIENTS if quick else CLIENTS))
     max_tokens = int(opts.get("max_tokens", 32 if quick else 128))
     rounds = int(opts.get("rounds", 1 if quick else 2))
     texts = prompts(max(counts))

@@ -26,7 +26,8 @@ from mlxd.client import Client
 
 from .common import MODEL_CACHE, ROOT, Daemon, loadavg, median
 
-CLIENTS = (1, 4, 16)
+CLIENTS = (1, 2, 4, 8, 16)
+QUICK_CLIENTS = (1, 4, 16)
 SINGLE_PER_ROUND = 2  # single-stream pairs per round
 
 
@@ -193,7 +194,7 @@ def _single_daemon(socket: Path, max_tokens: int, text: str) -> dict[str, Any]:
 
 def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    counts = CLIENTS
+    counts = QUICK_CLIENTS if quick else CLIENTS
     max_tokens = 32 if quick else 128
     rounds = 1 if quick else 4  # even: each order (mlx-lm first, daemon first) equally often
     texts = prompts(max(counts))
