@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,8 +14,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +24,7 @@ __all__ = [
     "MODEL_CACHE",
     "ROOT",
     "Daemon",
+    "at_once",
     "loadavg",
     "machine",
     "median",
@@ -173,6 +176,35 @@ def run_python(code: str, *args: str, timeout: float = 3600) -> Any:
     if out.returncode != 0:
         raise RuntimeError(f"baseline failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+T = TypeVar("T")
+
+
+def at_once(n: int, work: Callable[[int, Callable[[], None]], T]) -> list[T]:
+    """`work(i, go)` in n threads; each calls `go()` when ready (connected), and all
+    proceed together. Returns the n results in order; the first error is raised."""
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+    ready = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = work(i, ready.wait)
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def median(values: list[float]) -> float:

@@ -18,7 +18,6 @@ pair, then the median.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -27,12 +26,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlxd.client import Client
 
-from .common import MODEL_CACHE, ROOT, Daemon, loadavg, median
+from .common import MODEL_CACHE, ROOT, Daemon, at_once, loadavg, median
 from .throughput import CLIENTS, QUICK_CLIENTS, _cpu_s, _through_daemon, prompts
 
 __all__ = ["MlxServer", "complete", "run"]
@@ -202,28 +202,12 @@ def complete(
 
 def _through_server(port: int, n: int, max_tokens: int, texts: list[str]) -> dict[str, Any]:
     """n concurrent streaming HTTP requests; wall = first send to last [DONE]."""
-    rows: list[dict[str, Any] | None] = [None] * n
-    errors: list[BaseException] = []
-    ready = threading.Barrier(n + 1)
 
-    def one(i: int) -> None:
-        try:
-            ready.wait()
-            rows[i] = complete(port, texts[i], max_tokens)
-        except BaseException as exc:
-            errors.append(exc)
-            ready.abort()
+    def one(i: int, go: Callable[[], None]) -> dict[str, Any]:
+        go()
+        return complete(port, texts[i], max_tokens)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    with contextlib.suppress(threading.BrokenBarrierError):
-        ready.wait()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    done = [r for r in rows if r is not None]
+    done = at_once(n, one)
     wall = max(r["end"] for r in done) - min(r["sent"] for r in done)
     tokens = sum(int(r["completion_tokens"] or 0) for r in done)
     return {

@@ -12,19 +12,18 @@ each side actually computed (an end-of-sequence token counts once on both sides)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlxd.client import Client
 
-from .common import MODEL_CACHE, ROOT, Daemon, loadavg, median
+from .common import MODEL_CACHE, ROOT, Daemon, at_once, loadavg, median
 
 CLIENTS = (1, 2, 4, 8, 16)
 QUICK_CLIENTS = (1, 4, 16)
@@ -128,38 +127,22 @@ def _cpu_s(pid: int) -> float:
 
 def _through_daemon(socket: Path, n: int, max_tokens: int, texts: list[str]) -> dict[str, Any]:
     """n clients, each on its own connection, streaming at once; wall = first send to last reply."""
-    rows: list[dict[str, Any] | None] = [None] * n
-    errors: list[BaseException] = []
-    ready = threading.Barrier(n + 1)
 
-    def one(i: int) -> None:
-        try:
-            with Client(socket) as client:
-                ready.wait()
-                t0 = time.perf_counter()
-                first = None
-                stream = client.stream(texts[i], max_tokens=max_tokens)
-                for _ in stream:
-                    if first is None:
-                        first = time.perf_counter()
-                end = time.perf_counter()
-                r = stream.result
-                assert r is not None
-                rows[i] = {"sent": t0, "first": first or end, "end": end, "result": r}
-        except BaseException as exc:
-            errors.append(exc)
-            ready.abort()
+    def one(i: int, go: Callable[[], None]) -> dict[str, Any]:
+        with Client(socket) as client:
+            go()
+            t0 = time.perf_counter()
+            first = None
+            stream = client.stream(texts[i], max_tokens=max_tokens)
+            for _ in stream:
+                if first is None:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            r = stream.result
+            assert r is not None
+            return {"sent": t0, "first": first or end, "end": end, "result": r}
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    with contextlib.suppress(threading.BrokenBarrierError):
-        ready.wait()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    done = [r for r in rows if r is not None]
+    done = at_once(n, one)
     wall = max(r["end"] for r in done) - min(r["sent"] for r in done)
     results = [r["result"] for r in done]
     tokens = sum(r.usage.completion_tokens for r in results)
