@@ -50,6 +50,7 @@ TARGET_BATCH = 0.9  # daemon vs batch_generate at 16 clients
 TARGET_SINGLE = 0.95  # single-stream decode vs stream_generate
 TARGET_DISK_4K = 30.0  # cold TTFT / disk TTFT at 4K cached tokens
 TARGET_HOT = 100.0  # cold TTFT / hot TTFT
+TARGET_ITL_SPREAD = 2.0  # inter-token p99 / p50 at 8 clients
 
 
 def log(msg: str) -> None:
@@ -195,6 +196,17 @@ def _headline(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| turn-2 tokens identical cold / hot / disk (greedy) | {each} | {'yes' if ok else '**no**'} |"
         )
+    if "latency" in results:
+        rows = results["latency"]["rows"]
+        r8 = next((r for r in rows if r["clients"] == 8), rows[-1])
+        itl = r8["itl_ms"]
+        if itl.get("p50"):
+            spread = itl["p99"] / itl["p50"]
+            met = "yes" if spread <= TARGET_ITL_SPREAD else "**no**"
+            lines.append(
+                f"| inter-token p99 ≤ {TARGET_ITL_SPREAD:.0f}x p50 at {r8['clients']} clients | {spread:.2f}x "
+                f"({itl['p99']:.0f} vs {itl['p50']:.0f} ms) | {met} |"
+            )
     for name, module in MODULES.items():
         if name in results:
             lines += module.headline(results[name])
