@@ -183,6 +183,9 @@ async def _follow(
     try:
         while True:
             await pending.wait()
+            # Read before sending: the last update may land while a delta is being sent,
+            # and its text must still go out as a delta before the reply.
+            finished = pending.outcome is not None
             text, tokens, lps = pending.take()
             if params.stream and (text or tokens):
                 delta = rpc.GenerateDelta(
@@ -192,7 +195,7 @@ async def _follow(
                     lps if lps is not None else msgspec.UNSET,
                 )
                 await ctx.notify(rpc.DELTA_NOTIFICATION, delta)
-            if pending.outcome is not None:
+            if finished:
                 break
     finally:
         if pending.outcome is None:
