@@ -201,6 +201,7 @@ async def _follow(
         if pending.outcome is None:
             daemon.engine.cancel(job)  # we are being cancelled: free the sequence
     outcome = pending.outcome
+    assert outcome is not None  # the loop ends only once the engine's outcome is in
     usage = _usage(outcome)
     ctx.summary.update(
         completion_tokens=usage.completion_tokens,
