@@ -351,7 +351,7 @@ def _pct(g: dict[str, Any]) -> str:
 
 
 def headline(res: dict[str, Any]) -> list[str]:
-    raw, net = res["growth"]["rss_bytes"], res["growth"].get("rss_net_bytes", {})
+    raw, net = res["growth"]["rss_bytes"], res["growth"]["rss_net_bytes"]
     pct = net.get("growth_pct")
     met = "n/a" if pct is None else ("yes" if pct < TARGET_RSS_GROWTH_PCT else "**no**")
     return [
@@ -395,7 +395,7 @@ def section(res: dict[str, Any]) -> list[str]:
         "probe_ttft_ms": ("probe TTFT ms", 1),
     }
     for key, (label, unit) in names.items():
-        g = res["growth"].get(key, {})
+        g = res["growth"][key]
         if g.get("base") is None:
             lines.append(f"| {label} | n/a | n/a | n/a | n/a |")
             continue
@@ -430,14 +430,13 @@ def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
         ax.axvspan(0, res["minutes"] * WARMUP, color="grey", alpha=0.15, label="warm-up")
         ax.set_title(title)
         ax.set_xlabel("minutes")
-    if all("rss_net_bytes" in s for s in samples):
-        net = [s["rss_net_bytes"] / 2**20 for s in samples]
-        axes.flat[0].plot(ts, net, marker=".", linewidth=1, label="net of sessions' KV")
+    net = [s["rss_net_bytes"] / 2**20 for s in samples]
+    axes.flat[0].plot(ts, net, marker=".", linewidth=1, label="net of sessions' KV")
     axes.flat[0].legend(fontsize=7)
     growth = res["growth"]
     fig.suptitle(
         f"Soak, {res['minutes']:g} min: RSS growth after warm-up {_pct(growth['rss_bytes'])}, "
-        f"net of the sessions' KV {_pct(growth.get('rss_net_bytes', {}))}"
+        f"net of the sessions' KV {_pct(growth['rss_net_bytes'])}"
     )
     fig.tight_layout()
     fig.savefig(out / "soak.png", dpi=110)

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from .errors import ErrorCode, ErrorObject
+from .errors import UNDECODABLE, ErrorCode, ErrorObject
 
 __all__ = [
     "CLOSED",
@@ -164,8 +164,7 @@ class _Envelope(msgspec.Struct):
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder()
-# Invalid UTF-8 inside a string is a DecodeError in recent msgspec, a UnicodeDecodeError in older.
-_UNPARSEABLE = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+_UNPARSEABLE = (*UNDECODABLE, RecursionError)
 # U+2028/U+2029 are legal raw inside JSON strings, but str.splitlines(), JavaScript and many
 # line-oriented tools treat them as line breaks; escaping keeps one message per line for them.
 _LINE_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))

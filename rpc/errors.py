@@ -7,7 +7,11 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["ErrorCode", "ErrorObject", "RpcError"]
+__all__ = ["UNDECODABLE", "ErrorCode", "ErrorObject", "RpcError"]
+
+# Invalid UTF-8 inside a JSON string: a DecodeError in recent msgspec, a UnicodeDecodeError
+# in older ones. Either way the text cannot be parsed (-32700).
+UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 class ErrorCode(IntEnum):

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from . import messages as m
-from .errors import ErrorCode, RpcError
+from .errors import UNDECODABLE, ErrorCode, RpcError
 
 __all__ = ["DELTA_NOTIFICATION", "METHODS", "MethodSpec", "decode_params", "decode_result"]
 
@@ -64,9 +64,7 @@ def decode_params(method: str, params: msgspec.Raw | None) -> Any:
         return spec.params_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise RpcError(ErrorCode.INVALID_PARAMS, f"invalid params for {method}: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # The envelope leaves params as Raw, unchecked: msgspec sees invalid UTF-8 inside a
-        # string only now (a DecodeError in recent msgspec, a UnicodeDecodeError in older).
+    except UNDECODABLE as exc:  # the envelope left params as Raw: its strings are checked now
         raise RpcError(ErrorCode.PARSE_ERROR, f"parse error in params: {exc}") from None
 
 
