@@ -22,6 +22,7 @@ from .bridge import LoopBridge
 from .config import Config
 from .engine import Engine, Job, Update
 from .generation import generate
+from .http import HttpFront
 from .model import LoadedModel, load_model
 from .pool import BlockPool
 from .server import RequestContext, RpcServer
@@ -65,6 +66,8 @@ class Daemon:
             refuse=self._refuse,
         )
         self.server.on_request_done = self._request_done
+        self.http = HttpFront(self)  # OpenAI/Anthropic HTTP, on the socket and on --http
+        self.server.http = self.http.serve_unix
 
     # -- start-up -------------------------------------------------------------------
 
