@@ -32,7 +32,7 @@ from mlxd.rpc import anthropic as an
 from mlxd.rpc import openai as oa
 from mlxd.rpc.errors import UNDECODABLE
 
-from .server import RequestContext
+from .server import RequestContext, _hung_up
 
 if TYPE_CHECKING:
     from .service import Daemon
@@ -149,7 +149,9 @@ def _from_rpc(api: str, error: rpc.ErrorObject) -> _Refused:
             api, status, error.message, code="server_busy", headers=[("retry-after", str(seconds))]
         )
     if code in (rpc.ErrorCode.SHUTTING_DOWN, rpc.ErrorCode.REQUEST_CANCELLED):
-        return _refusal(api, 503, error.message, code="shutting_down")
+        cut = code == rpc.ErrorCode.REQUEST_CANCELLED  # HTTP has no cancel: only a drain does it
+        message = f"mlxd is draining: {error.message}" if cut else error.message
+        return _refusal(api, 503, message, code="shutting_down")
     if code == rpc.ErrorCode.CONTEXT_TOO_LONG:
         return _refusal(api, 400, error.message, code="context_length_exceeded")
     if code in (
@@ -318,6 +320,9 @@ class _Conn:
         """What can be refused from the headers alone, before reading a body."""
         path = req.target.decode("latin-1").partition("?")[0]
         self.api = "anthropic" if path.startswith("/v1/messages") else "openai"
+        size = len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers)
+        if size > MAX_HEADER_BYTES:  # h11 caps only what arrives in pieces; this caps the rest
+            raise _refusal(self.api, 431, f"request headers over {MAX_HEADER_BYTES} bytes")
         headers = {name.decode(): value.decode("latin-1") for name, value in req.headers}
         self.origin = headers.get("origin")
         if req.method == b"OPTIONS" and self.front.cors and self.origin == self.front.cors:
@@ -556,12 +561,14 @@ class _Conn:
                 data = await self.stream.receive(65536)
             except _STREAM_ERRORS:
                 data = b""
-            if not data:
+            if not data and _hung_up(self.stream):
                 self.closed = True
                 ctx.scope.cancel()
                 return
             self.h.receive_data(data)
-        await anyio.sleep_forever()  # enough is buffered: let the client wait
+            if not data:
+                break  # half-closed (`printf ... | socat`): it still reads the answer
+        await anyio.sleep_forever()  # enough is buffered, or no more will come
 
     # -- writing --------------------------------------------------------------------
 
