@@ -45,7 +45,14 @@ TOKEN_FILE = "api-token"
 _STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _request_ids = itertools.count(1)
 _encode = msgspec.json.encode
-_CORS_ALLOW_HEADERS = "authorization, content-type, x-api-key, anthropic-version, x-mlxd-session"
+_PREFLIGHT = [  # the answer to a CORS preflight from the --http-cors origin
+    ("access-control-allow-methods", "GET, POST, OPTIONS"),
+    (
+        "access-control-allow-headers",
+        "authorization, content-type, x-api-key, anthropic-version, x-mlxd-session",
+    ),
+    ("access-control-max-age", "600"),
+]
 
 
 def _last_words() -> anyio.CancelScope:
@@ -358,7 +365,7 @@ class _Conn:
         headers = {name.decode(): value.decode("latin-1") for name, value in req.headers}
         try:
             if method == "OPTIONS" and self.front.cors and self.origin == self.front.cors:
-                await self._send_response(204, [*self._cors(preflight=True)], b"")
+                await self._send_response(204, _PREFLIGHT, b"")
                 return
             route = _ROUTES.get(path)
             if route is None and path.startswith("/v1/models/"):
@@ -572,17 +579,10 @@ class _Conn:
 
     # -- writing --------------------------------------------------------------------
 
-    def _cors(self, preflight: bool = False) -> list[tuple[str, str]]:
+    def _cors(self) -> list[tuple[str, str]]:
         if not self.front.cors or self.origin != self.front.cors:
             return []
-        headers = [("access-control-allow-origin", self.front.cors), ("vary", "origin")]
-        if preflight:
-            headers += [
-                ("access-control-allow-methods", "GET, POST, OPTIONS"),
-                ("access-control-allow-headers", _CORS_ALLOW_HEADERS),
-                ("access-control-max-age", "600"),
-            ]
-        return headers
+        return [("access-control-allow-origin", self.front.cors), ("vary", "origin")]
 
     async def _write(self, event: Any) -> None:
         if self.closed:

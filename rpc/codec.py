@@ -315,7 +315,7 @@ class Connection:
 
     def _detect(self) -> bool:
         head = bytes(self._buf[:8])
-        if any(m.startswith(head) for m in _HTTP_METHODS) and not self._eof:
+        if any(m.startswith(head) and m != head for m in _HTTP_METHODS) and not self._eof:
             return False  # could still become "POST /v1/..."
         if head.startswith(_HTTP_METHODS):
             self._framing = Framing.HTTP

@@ -33,6 +33,7 @@ MESSAGES = [
     {"role": "user", "content": "Name three colours."},
 ]
 MAX_TOKENS = 24
+ORIGIN = "http://localhost:5173"  # --http-cors: the one browser origin allowed
 
 
 def free_port() -> int:
@@ -86,8 +87,11 @@ def served(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[Served
     folder = short_tmpdir()
     port = free_port()
     proc = DaemonProcess(
-        folder, model_cache, "--http", f"127.0.0.1:{port}", backend=str(request.param)
-    ).start()
+        folder,
+        model_cache,
+        "--http", f"127.0.0.1:{port}", "--http-cors", ORIGIN,
+        backend=str(request.param),
+    ).start()  # fmt: skip
     yield Served(proc, port)
     assert proc.stop() == 0
     shutil.rmtree(folder, ignore_errors=True)
@@ -259,7 +263,7 @@ def test_tcp_needs_the_token(served: Served) -> None:
         assert ok.status_code == 200
         health = http.get("/health", headers={"authorization": f"Bearer {served.token}"})
         assert health.status_code == 200 and health.json()["status"] == "ok"
-        assert "access-control-allow-origin" not in health.headers  # no CORS by default
+        assert "access-control-allow-origin" not in health.headers
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=served.base + "/v1", api_key="wrong", max_retries=0).models.list()
     token = subprocess.run(
@@ -341,3 +345,21 @@ def test_non_loopback_address_is_refused_at_start(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "--http-allow-remote" in refused.stderr
     bad = subprocess.run([*args, "--http", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+
+
+def test_cors_only_for_the_configured_origin(served: Served) -> None:
+    auth = {"authorization": f"Bearer {served.token}"}
+    with httpx.Client(base_url=served.base, timeout=30) as http:
+        preflight = http.options(
+            "/v1/chat/completions",
+            headers={"origin": ORIGIN, "access-control-request-method": "POST"},
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == ORIGIN
+        assert "authorization" in preflight.headers["access-control-allow-headers"]
+        allowed = http.get("/v1/models", headers={**auth, "origin": ORIGIN})
+        assert allowed.headers["access-control-allow-origin"] == ORIGIN
+        other = http.get("/v1/models", headers={**auth, "origin": "http://evil.example"})
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+        stranger = http.options("/v1/models", headers={"origin": "http://evil.example"})
+        assert stranger.status_code == 401 and "access-control-allow-origin" not in stranger.headers

@@ -88,8 +88,10 @@ def test_flooded_daemon_is_rate_limited_with_retry_after(flooded: DaemonProcess)
         anth = http.post(
             "http://mlxd/v1/messages",
             json={"model": "x", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"origin": "http://localhost:5173"},
         )
     assert anth.status_code == 529 and anth.json()["error"]["type"] == "overloaded_error"
+    assert "access-control-allow-origin" not in anth.headers  # no --http-cors: no CORS at all
     assert int(anth.headers["retry-after"]) >= 1
     running.stop = queued.stop = True  # leaving cancels both; the engine empties
     running.join(30)
