@@ -301,6 +301,8 @@ class _Conn:
             while True:
                 event = self.h.next_event()
                 if event is h11.NEED_DATA:
+                    if self.h.they_are_waiting_for_100_continue:  # curl does, for big bodies
+                        await self._write(h11.InformationalResponse(status_code=100, headers=[]))
                     partial = request is not None or bool(self.h.trailing_data[0])
                     if not await self._receive(partial):
                         raise _refusal(self.api, 408, "request incomplete: no bytes for too long")
