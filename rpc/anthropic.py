@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct
 
 from .messages import ChatMessage, GenerateParams, GenerateResult, TokenizeParams
-from .openai import Unsupported
+from .openai import Unsupported, join_text
 
 __all__ = [
     "ContentBlockDelta",
@@ -183,15 +183,7 @@ class Error(Struct, tag="error", tag_field="type"):
 def _text(content: str | list[InputBlock], where: str) -> str:
     if isinstance(content, str):
         return content
-    texts = []
-    for j, block in enumerate(content):
-        if block.type != "text" or block.text is None:
-            raise Unsupported(
-                f"{where}.content.{j}.type",
-                f"content block type {block.type!r} is not supported (only text)",
-            )
-        texts.append(block.text)
-    return "\n".join(texts)
+    return join_text(content, lambda j: f"{where}.{j}.type", "content block")
 
 
 def _messages(req: _Prompt) -> list[ChatMessage]:
@@ -208,7 +200,7 @@ def _messages(req: _Prompt) -> list[ChatMessage]:
     for i, msg in enumerate(req.messages):
         if msg.role not in ("user", "assistant"):
             raise Unsupported(f"messages.{i}.role", f"role {msg.role!r} is not supported")
-        out.append(ChatMessage(msg.role, _text(msg.content, f"messages.{i}")))
+        out.append(ChatMessage(msg.role, _text(msg.content, f"messages.{i}.content")))
     return out
 
 

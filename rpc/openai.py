@@ -6,6 +6,7 @@ logit_bias, ...) is a 400 that names it rather than a silently different answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -41,6 +42,7 @@ __all__ = [
     "decode_chat",
     "decode_completion",
     "error",
+    "join_text",
     "text_chunk",
     "text_completion",
     "usage",
@@ -238,13 +240,15 @@ def _text(content: str | list[ContentPart] | None, where: str) -> str:
         raise Unsupported(f"{where}.content", f"`{where}.content` must be text")
     if isinstance(content, str):
         return content
+    return join_text(content, lambda j: f"{where}.content[{j}].type", "content part")
+
+
+def join_text(parts: Sequence[Any], param: Callable[[int], str], kind: str) -> str:
+    """The text of a list of parts or blocks (both APIs' shape); any other type is refused."""
     texts = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(parts):
         if part.type != "text" or part.text is None:
-            raise Unsupported(
-                f"{where}.content[{j}].type",
-                f"content part type {part.type!r} is not supported (only text)",
-            )
+            raise Unsupported(param(j), f"{kind} type {part.type!r} is not supported (only text)")
         texts.append(part.text)
     return "\n".join(texts)
 
