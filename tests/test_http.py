@@ -212,6 +212,25 @@ def test_anthropic_messages(served: Served) -> None:
     assert count.input_tokens == reply.usage.input_tokens
     with Client(served.proc.socket) as rpc_client:
         assert count.input_tokens == rpc_client.tokenize(messages=MESSAGES).count
+    stop = next(
+        expected[i : i + 2] for i in range(4, len(expected)) if "\ufffd" not in expected[i : i + 2]
+    )
+    cut = client.messages.create(
+        model="x",
+        system=system,
+        messages=user,
+        max_tokens=MAX_TOKENS,
+        stop_sequences=[stop, "\x00\x00"],
+    )
+    assert cut.content[0].text == expected[: expected.index(stop)]
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    oai = served.openai_uds()
+    stopped = oai.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=MAX_TOKENS, stop=stop
+    )
+    assert stopped.choices[0].message.content == expected[: expected.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    oai.close()
     with pytest.raises(anthropic.BadRequestError, match="tools"):
         client.messages.create(
             model="x",
