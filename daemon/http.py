@@ -595,9 +595,15 @@ class _Conn:
             self.closed = True
             return
         if data:
-            try:
-                await self.stream.send(data)
-            except _STREAM_ERRORS:
+            # A client that reads nothing for the idle timeout is gone: its stream cannot
+            # hold its request (or the drain) forever.
+            with anyio.move_on_after(self.daemon.config.idle_frame_timeout_s) as stalled:
+                try:
+                    await self.stream.send(data)
+                except _STREAM_ERRORS:
+                    self.closed = True
+            if stalled.cancelled_caught:
+                log.info("closing connection: the client stopped reading", conn=self.conn_id)
                 self.closed = True
 
     async def _send_response(

@@ -211,3 +211,24 @@ def test_jsonrpc_framing_still_detected(daemon: DaemonProcess, bystander: Client
         sock.shutdown(socket.SHUT_WR)  # half-closed: it answers, then closes
         reply = sock.makefile("rb").read()
     assert json.loads(reply)["error"]["code"] == -32700
+
+
+def test_a_client_that_stops_reading_is_dropped(daemon: DaemonProcess, bystander: Client) -> None:
+    """A stream nobody reads fills the socket; after the idle timeout the request ends."""
+    body = json.dumps({"model": "x", "prompt": "go", "max_tokens": 4000, "stream": True})
+
+    def dropped() -> int:
+        return sum(e.get("outcome") == "disconnected" for e in daemon.events("request"))
+
+    before = dropped()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(str(daemon.socket))
+    sock.sendall(post("/v1/completions", body.encode(), JSON, close=False))
+    deadline = time.monotonic() + 60
+    while dropped() == before:
+        assert time.monotonic() < deadline, "the stalled stream was never dropped"
+        time.sleep(0.2)
+    assert bystander.status().active == 0
+    sock.close()
+    daemon.wait_for("the client stopped reading")
