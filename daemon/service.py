@@ -246,7 +246,7 @@ class Daemon:
             model=self.model_info(),
             capabilities=rpc.Capabilities(
                 methods=sorted(self.server.handlers),
-                framing=["ndjson", "lsp"],
+                framing=["ndjson", "lsp", "http"],
                 max_frame_bytes=self.config.max_frame_bytes,
             ),
         )

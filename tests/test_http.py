@@ -21,7 +21,7 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, short_tmpdir
+from .daemon_proc import DaemonProcess, free_port, short_tmpdir
 
 try:  # newer anthropic SDKs are built on httpx2 and refuse httpx objects
     import httpx2 as anthropic_httpx
@@ -34,12 +34,6 @@ MESSAGES = [
 ]
 MAX_TOKENS = 24
 ORIGIN = "http://localhost:5173"  # --http-cors: the one browser origin allowed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
@@ -231,6 +225,12 @@ def test_anthropic_messages(served: Served) -> None:
     assert stopped.choices[0].message.content == expected[: expected.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
     oai.close()
+    over_tcp = anthropic.Anthropic(base_url=served.base, api_key=served.token, max_retries=0)
+    tcp_reply = over_tcp.messages.create(
+        model="x", system=system, messages=user, max_tokens=MAX_TOKENS
+    )
+    assert tcp_reply.content[0].text == expected
+    over_tcp.close()
     with pytest.raises(anthropic.BadRequestError, match="tools"):
         client.messages.create(
             model="x",

@@ -16,7 +16,7 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, short_tmpdir
+from .daemon_proc import DaemonProcess, free_port, short_tmpdir
 
 LONG = {"model": "x", "prompt": "count", "max_tokens": 4000, "stream": True}
 
@@ -102,8 +102,18 @@ def test_flooded_daemon_is_rate_limited_with_retry_after(flooded: DaemonProcess)
 
 def test_sigterm_ends_every_http_stream(model_cache: Path) -> None:
     folder = short_tmpdir()
-    proc = DaemonProcess(folder, model_cache, "--drain-timeout", "1").start()
+    port = free_port()
+    proc = DaemonProcess(
+        folder,
+        model_cache,
+        "--drain-timeout", "1", "--http", f"localhost:{port}",
+        env={"MLXD_API_KEY": "my-own-key"},
+    ).start()  # fmt: skip
     try:
+        with httpx.Client(base_url=f"http://localhost:{port}", timeout=30) as http:
+            assert http.get("/v1/models", headers={"x-api-key": "my-own-key"}).status_code == 200
+            assert http.get("/health", headers={"x-api-key": "wrong"}).status_code == 401
+        assert not (proc.state_dir / "api-token").exists()  # MLXD_API_KEY overrides the file
         chat = {
             "model": "x",
             "messages": [{"role": "user", "content": "count"}],
