@@ -17,6 +17,14 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .http import AddressError, parse_http_address
+
+    try:  # refused before the slow imports: a mistake is told at once
+        http = parse_http_address(args.http, args.http_allow_remote) if args.http else None
+    except AddressError as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 2
+
     import anyio
 
     from .config import Config, parse_bytes
@@ -24,13 +32,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     configure_logging(args.log_level)
-    from .http import AddressError, parse_http_address
-
-    try:
-        http = parse_http_address(args.http, args.http_allow_remote) if args.http else None
-    except AddressError as exc:
-        print(f"mlxd: {exc}", file=sys.stderr)
-        return 2
     config = Config(
         model=args.model,
         socket=Path(args.socket).expanduser().absolute(),
