@@ -174,8 +174,8 @@ async def run_daemon(
     daemon = Daemon(config)
     with prepare_socket(config.socket) as sock:
         await daemon.start()
-        tcp = await daemon.http.listen() if config.http else None
         try:
+            tcp = await daemon.http.listen() if config.http else None
             # The listener owns a duplicate: prepare_socket closes and unlinks the original.
             listener = await SocketListener.from_socket(sock.dup())
             async with anyio.create_task_group() as tg:
