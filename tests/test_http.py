@@ -387,3 +387,29 @@ def test_cors_only_for_the_configured_origin(served: Served) -> None:
         assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
         stranger = http.options("/v1/models", headers={"origin": "http://evil.example"})
         assert stranger.status_code == 401 and "access-control-allow-origin" not in stranger.headers
+
+
+def test_http_address_and_token_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlxd.daemon.http import AddressError, load_token, parse_http_address
+
+    assert parse_http_address("127.0.0.1:8080", False) == ("127.0.0.1", 8080)
+    assert parse_http_address("[::1]:9", False) == ("::1", 9)
+    assert parse_http_address("localhost:80", False) == ("localhost", 80)
+    assert parse_http_address("0.0.0.0:80", True) == ("0.0.0.0", 80)
+    for bad in (
+        "0.0.0.0:80",
+        "10.1.2.3:80",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        "127.0.0.1:99999",
+        "host:80",
+    ):
+        with pytest.raises(AddressError):
+            parse_http_address(bad, False)
+    monkeypatch.delenv("MLXD_API_KEY", raising=False)
+    token = load_token(tmp_path / "state")
+    assert token == load_token(tmp_path / "state") and len(token) > 32  # made once, then kept
+    assert (tmp_path / "state" / "api-token").stat().st_mode & 0o777 == 0o600
+    assert load_token(tmp_path / "other") != token  # random, not derived
+    monkeypatch.setenv("MLXD_API_KEY", "chosen")
+    assert load_token(tmp_path / "state") == "chosen"
