@@ -13,7 +13,9 @@ one HTTP request with `"stream": true`); aggregate = completion tokens of every 
 wall time from the first send to the last byte. Every mlx_lm.server measurement is paired
 with the same daemon measurement just before or after it (the order alternating by round),
 one of the two computing at a time, and the ratio daemon / mlx_lm.server is taken per
-pair, then the median.
+pair, then the median. mlxd is measured twice per pair: on its socket, and over HTTP
+(`--http`, the very `/v1/completions` requests mlx_lm.server gets, with the API token):
+the apples-to-apples ratio.
 """
 
 from __future__ import annotations
@@ -142,7 +144,12 @@ class MlxServer:
 
 
 def complete(
-    port: int, prompt: str, max_tokens: int, timeout: float = 900.0, t0: float | None = None
+    port: int,
+    prompt: str,
+    max_tokens: int,
+    timeout: float = 900.0,
+    t0: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One streaming `/v1/completions` request (greedy, usage included); times measured by
     the client from `t0` (default: now): `ttft_s` to the first chunk carrying text, `end_s`
@@ -163,10 +170,12 @@ def complete(
     usage: dict[str, Any] = {}
     finish = None
     try:
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/v1/completions", body, {"Content-Type": "application/json", **(headers or {})}
+        )
         resp = conn.getresponse()
         if resp.status != 200:
-            raise RuntimeError(f"mlx_lm.server answered {resp.status}: {resp.read()[:500]!r}")
+            raise RuntimeError(f"port {port} answered {resp.status}: {resp.read()[:500]!r}")
         for raw in resp:  # server-sent events; ": keepalive" comments during the prefill
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -200,12 +209,14 @@ def complete(
     }
 
 
-def _through_server(port: int, n: int, max_tokens: int, texts: list[str]) -> dict[str, Any]:
+def _through_server(
+    port: int, n: int, max_tokens: int, texts: list[str], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """n concurrent streaming HTTP requests; wall = first send to last [DONE]."""
 
     def one(i: int, go: Callable[[], None]) -> dict[str, Any]:
         go()
-        return complete(port, texts[i], max_tokens)
+        return complete(port, texts[i], max_tokens, headers=headers)
 
     done = at_once(n, one)
     wall = max(r["end"] for r in done) - min(r["sent"] for r in done)
@@ -228,17 +239,21 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     rounds = int(opts.get("rounds", 1 if quick else 2))
     texts = prompts(max(counts))
     log("  starting mlx_lm.server and the daemon")
-    with MlxServer(model) as server, Daemon(model) as daemon:
+    http_port = _free_port()
+    with MlxServer(model) as server, Daemon(model, "--http", f"127.0.0.1:{http_port}") as daemon:
         assert daemon.proc is not None
+        auth = {"Authorization": "Bearer " + (daemon.state_dir / "api-token").read_text().strip()}
         with Client(daemon.socket) as client:
             client.generate(texts[1], max_tokens=8)  # warm-up, like the server's
             status = client.status()
         complete(server.port, texts[1], max_tokens=8)
-        pids = {"mlxd": daemon.proc.pid, "mlx_lm.server": server.pid}
+        complete(http_port, texts[1], max_tokens=8, headers=auth)
+        pids = {"mlxd": daemon.proc.pid, "mlxd_http": daemon.proc.pid, "mlx_lm.server": server.pid}
         idle_cpu = {"mlxd": 0.0, "mlx_lm.server": 0.0}
         pairs: list[dict[str, Any]] = []
         for k in range(rounds):
-            order = ("mlx_lm.server", "mlxd") if k % 2 == 0 else ("mlxd", "mlx_lm.server")
+            order = ("mlx_lm.server", "mlxd", "mlxd_http")
+            order = order if k % 2 == 0 else order[::-1]
             for n in counts:
                 got: dict[str, Any] = {"round": k, "n": n}
                 for side in order:
@@ -248,14 +263,18 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                         d = _through_daemon(daemon.socket, n, max_tokens, texts)
                         d["texts"] = [r["result"].text for r in d.pop("client")]
                         got[side] = d
+                    elif side == "mlxd_http":
+                        got[side] = _through_server(http_port, n, max_tokens, texts, auth)
                     else:
                         got[side] = _through_server(server.port, n, max_tokens, texts)
                     idle_cpu[other] += _cpu_s(pids[other]) - before
                 pairs.append(got)
                 d_tps, s_tps = got["mlxd"]["tps"], got["mlx_lm.server"]["tps"]
+                h_tps = got["mlxd_http"]["tps"]
                 log(
-                    f"  round {k + 1}/{rounds}, {n} clients: mlxd {d_tps:.1f} vs mlx_lm.server "
-                    f"{s_tps:.1f} tok/s = {d_tps / s_tps:.2f}x, load {loadavg()}"
+                    f"  round {k + 1}/{rounds}, {n} clients: mlxd {d_tps:.1f} (HTTP {h_tps:.1f}) vs "
+                    f"mlx_lm.server {s_tps:.1f} tok/s = {d_tps / s_tps:.2f}x "
+                    f"(HTTP {h_tps / s_tps:.2f}x), load {loadavg()}"
                 )
     rows = []
     for n in counts:
@@ -263,6 +282,13 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         d_tps = [p["mlxd"]["tps"] for p in ps]
         s_tps = [p["mlx_lm.server"]["tps"] for p in ps]
         ratios = [d / s for d, s in zip(d_tps, s_tps, strict=True)]
+        h_tps = [p["mlxd_http"]["tps"] for p in ps]
+        http_ratios = [h / s for h, s in zip(h_tps, s_tps, strict=True)]
+        http_same = sum(
+            a == b
+            for p in ps
+            for a, b in zip(p["mlxd"]["texts"], p["mlxd_http"]["texts"], strict=True)
+        )
         same = sum(
             a == b
             for p in ps
@@ -275,6 +301,11 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 "server_tps": median(s_tps),
                 "ratio": median(ratios),
                 "ratios": ratios,
+                "http_tps": median(h_tps),
+                "http_ratio": median(http_ratios),
+                "http_ratios": http_ratios,
+                "http_ttft_ms_p50": median([p["mlxd_http"]["ttft_ms_p50"] for p in ps]),
+                "http_same_as_socket": f"{http_same}/{n * len(ps)}",
                 "daemon_tps_rounds": d_tps,
                 "server_tps_rounds": s_tps,
                 "daemon_ttft_ms_p50": median([p["mlxd"]["ttft_ms_p50"] for p in ps]),
@@ -303,10 +334,17 @@ TARGET = 1.0  # mlxd aggregate tok/s / mlx_lm.server's, at every client count
 
 
 def headline(res: dict[str, Any]) -> list[str]:
-    return [
+    lines = [
         f"| mlxd ≥ {TARGET:.1f}x mlx_lm.server, {r['clients']} streaming client(s) | {r['ratio']:.2f}x "
         f"({r['daemon_tps']:.1f} vs {r['server_tps']:.1f} tok/s) | {'yes' if r['ratio'] >= TARGET else '**no**'} |"
         for r in res["rows"]
+    ]
+    return lines + [
+        f"| mlxd over HTTP ≥ {TARGET:.1f}x mlx_lm.server, {r['clients']} streaming client(s) | "
+        f"{r['http_ratio']:.2f}x ({r['http_tps']:.1f} vs {r['server_tps']:.1f} tok/s) | "
+        f"{'yes' if r['http_ratio'] >= TARGET else '**no**'} |"
+        for r in res["rows"]
+        if "http_ratio" in r
     ]
 
 
@@ -325,16 +363,20 @@ def section(res: dict[str, Any], throughput: dict[str, Any] | None = None) -> li
         "each mlx_lm.server measurement is paired with the mlxd one just before or after it, the "
         "ratio taken per pair.",
         "",
-        "| clients | mlxd tok/s | mlx_lm.server tok/s | ratio (per round) | mlxd TTFT p50 ms | "
-        "mlx_lm.server TTFT p50 ms | same text | mlxd tok/s in the throughput suite |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients | mlxd tok/s | mlx_lm.server tok/s | ratio (per round) | mlxd over HTTP tok/s | "
+        "HTTP ratio (per round) | mlxd TTFT p50 ms (HTTP) | mlx_lm.server TTFT p50 ms | same text | "
+        "HTTP text = socket text | mlxd tok/s in the throughput suite |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         rounds = ", ".join(f"{x:.2f}" for x in r["ratios"])
+        http_rounds = ", ".join(f"{x:.2f}" for x in r.get("http_ratios", []))
         other = suite.get(r["clients"])
         lines.append(
             f"| {r['clients']} | {r['daemon_tps']:.1f} | {r['server_tps']:.1f} | **{r['ratio']:.2f}x** "
-            f"({rounds}) | {r['daemon_ttft_ms_p50']:.0f} | {r['server_ttft_ms_p50']:.0f} | {r['same_text']} | "
+            f"({rounds}) | {r.get('http_tps', 0):.1f} | **{r.get('http_ratio', 0):.2f}x** ({http_rounds}) | "
+            f"{r['daemon_ttft_ms_p50']:.0f} ({r.get('http_ttft_ms_p50', 0):.0f}) | "
+            f"{r['server_ttft_ms_p50']:.0f} | {r['same_text']} | {r.get('http_same_as_socket', '-')} | "
             + (f"{other['daemon_tps']:.1f}" if other else "-")
             + " |"
         )

@@ -17,6 +17,14 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .http import AddressError, parse_http_address
+
+    try:  # refused before the slow imports: a mistake is told at once
+        http = parse_http_address(args.http, args.http_allow_remote) if args.http else None
+    except AddressError as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 2
+
     import anyio
 
     from .config import Config, parse_bytes
@@ -34,6 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
         idle_frame_timeout_s=args.idle_frame_timeout,
+        http=http,
+        http_cors=args.http_cors,
     )
     if args.max_frame_bytes:
         config.max_frame_bytes = parse_bytes(args.max_frame_bytes)
@@ -46,11 +56,20 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         runner = run_stdio if args.stdio else run_daemon
         anyio.run(lambda: runner(config), backend=args.backend)
-    except (SocketSetupError, SocketPathTooLong) as exc:
+    except (SocketSetupError, SocketPathTooLong, AddressError) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .http import load_token
+    from .paths import state_dir
+
+    folder = Path(args.state_dir).expanduser().absolute() if args.state_dir else state_dir()
+    print(load_token(folder))
     return 0
 
 
@@ -155,8 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--stdio", action="store_true", help="serve one client on stdin/stdout; logs go to stderr"
     )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the OpenAI/Anthropic HTTP APIs on this TCP address (loopback; token required)",
+    )
+    serve.add_argument(
+        "--http-allow-remote",
+        action="store_true",
+        help="let --http listen on a non-loopback address (other machines can then connect)",
+    )
+    serve.add_argument(
+        "--http-cors", metavar="ORIGIN", help="the one browser origin allowed to call the HTTP API"
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="print the API token the HTTP port requires")
+    token.add_argument("--state-dir", help="the daemon's state folder")
+    token.set_defaults(func=_token)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")

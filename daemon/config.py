@@ -69,3 +69,5 @@ class Config:
     prefill_step_size: int = 256
     max_batch: int = 32
     stdio: bool = False
+    http: tuple[str, int] | None = None  # --http HOST:PORT: a TCP listener (token required)
+    http_cors: str | None = None  # the one browser origin allowed to call the HTTP API

@@ -175,6 +175,7 @@ async def run_daemon(
     with prepare_socket(config.socket) as sock:
         await daemon.start()
         try:
+            tcp = await daemon.http.listen() if config.http else None
             # The listener owns a duplicate: prepare_socket closes and unlinks the original.
             listener = await SocketListener.from_socket(sock.dup())
             async with anyio.create_task_group() as tg:
@@ -186,11 +187,14 @@ async def run_daemon(
                             await _serve_listener(daemon, listener, tg)
 
                 tg.start_soon(serve_connections)
+                if tcp is not None:
+                    tg.start_soon(daemon.http.serve_listener, tcp, tg)
                 tg.start_soon(_watch_signals, daemon)
                 log.info("serving", socket=str(config.socket), pid=os.getpid())
                 task_status.started(config.socket)
                 await daemon.shutdown_requested.wait()
                 accepting.cancel()  # stop accepting; open connections stay until drained
+                daemon.http.stop_listening()
                 timeout = daemon.shutdown_drain_s
                 await daemon.drain(config.drain_timeout_s if timeout is None else timeout)
                 tg.cancel_scope.cancel()

@@ -97,6 +97,8 @@ class RpcServer:
         self._idle_waiters: list[anyio.Event] = []
         self._conn_waiters: list[anyio.Event] = []
         self.on_request_done: Callable[[RequestContext, str, float], None] | None = None
+        # A connection that opens with an HTTP request line is served by this instead.
+        self.http: Callable[[ByteStream, bytes, int], Awaitable[None]] | None = None
 
     async def wait_idle(self, exclude: RequestContext | None = None) -> None:
         """Return once no request (but `exclude`) is in flight on any connection."""
@@ -119,7 +121,9 @@ class RpcServer:
         try:
             async with anyio.create_task_group() as tg:
                 end = await self._read_loop(stream, codec, writer, inflight, tg, conn_id)
-                if end == "half_closed" and not writer.closed:
+                if end == "http" and self.http is not None:
+                    await self.http(stream, codec.take_data(), conn_id)
+                elif end == "half_closed" and not writer.closed:
                     # The peer finished sending (`echo ... | socat`): answer, then close.
                     await self._wait_connection_idle(writer)
                 elif end == "broken" and not writer.closed:
@@ -175,6 +179,8 @@ class RpcServer:
                 codec.receive_data(data)
             elif event is rpc.CLOSED:
                 return "half_closed" if eof and not _hung_up(stream) else "gone"
+            elif event is rpc.HTTP:
+                return "http"
             elif isinstance(event, rpc.FramingError):
                 await writer.send(rpc.error_response(None, event.error))
                 return "broken"

@@ -22,6 +22,7 @@ from .bridge import LoopBridge
 from .config import Config
 from .engine import Engine, Job, Update
 from .generation import generate
+from .http import HttpFront
 from .model import LoadedModel, load_model
 from .pool import BlockPool
 from .server import RequestContext, RpcServer
@@ -65,6 +66,8 @@ class Daemon:
             refuse=self._refuse,
         )
         self.server.on_request_done = self._request_done
+        self.http = HttpFront(self)  # OpenAI/Anthropic HTTP, on the socket and on --http
+        self.server.http = self.http.serve_unix
 
     # -- start-up -------------------------------------------------------------------
 
@@ -243,7 +246,7 @@ class Daemon:
             model=self.model_info(),
             capabilities=rpc.Capabilities(
                 methods=sorted(self.server.handlers),
-                framing=["ndjson", "lsp"],
+                framing=["ndjson", "lsp", "http"],
                 max_frame_bytes=self.config.max_frame_bytes,
             ),
         )

@@ -3,6 +3,7 @@
 from .codec import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
+    HTTP,
     NEED_DATA,
     Batch,
     Connection,
@@ -28,6 +29,7 @@ __all__ = [
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
     "DELTA_NOTIFICATION",
+    "HTTP",
     "METHODS",
     "NEED_DATA",
     "SUN_PATH_MAX",

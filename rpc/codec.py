@@ -2,7 +2,8 @@
 
 Like h11's Connection, nothing here touches a socket. Framing is newline-delimited JSON
 or LSP `Content-Length`, detected per connection from its first bytes; a frame over the
-size cap is an error, never a memory leak.
+size cap is an error, never a memory leak. A connection that starts with an HTTP request
+line is handed over whole (`HTTP` event) to the daemon's HTTP glue.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .errors import UNDECODABLE, ErrorCode, ErrorObject
 __all__ = [
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
+    "HTTP",
     "NEED_DATA",
     "Batch",
     "Connection",
@@ -41,6 +43,9 @@ DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 MAX_HEADER_BYTES = 8 * 1024
 _LSP_MAGIC = b"content-length:"
 _WHITESPACE = b" \t\r\n"
+_HTTP_METHODS = tuple(
+    m + b" " for m in (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
+)
 
 Id = int | str | None
 
@@ -48,6 +53,7 @@ Id = int | str | None
 class Framing(enum.Enum):
     NDJSON = "ndjson"
     LSP = "lsp"
+    HTTP = "http"
 
 
 class _Sentinel:
@@ -60,6 +66,7 @@ class _Sentinel:
 
 NEED_DATA: Any = _Sentinel("NEED_DATA")
 CLOSED: Any = _Sentinel("CLOSED")
+HTTP: Any = _Sentinel("HTTP")  # the connection speaks HTTP/1.1: take_data() and hand it on
 
 
 # -- incoming events --------------------------------------------------------------------
@@ -266,6 +273,12 @@ class Connection:
         """Bytes of an incomplete frame held; a server closes a frame left idle too long."""
         return len(self._buf)
 
+    def take_data(self) -> bytes:
+        """Every byte received and not consumed (for the HTTP glue once `HTTP` is seen)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def receive_data(self, data: bytes) -> None:
         if data:
             self._buf += data
@@ -287,6 +300,8 @@ class Connection:
         while True:
             if self._framing is None and not self._detect():
                 return CLOSED if self._eof else NEED_DATA
+            if self._framing is Framing.HTTP:
+                return HTTP
             frame = self._next_lsp() if self._framing is Framing.LSP else self._next_line()
             if isinstance(frame, FramingError):
                 self._broken = True
@@ -299,6 +314,12 @@ class Connection:
     # framing detection and frames ------------------------------------------------------
 
     def _detect(self) -> bool:
+        head = bytes(self._buf[:8])
+        if any(m.startswith(head) and m != head for m in _HTTP_METHODS) and not self._eof:
+            return False  # could still become "POST /v1/..."
+        if head.startswith(_HTTP_METHODS):
+            self._framing = Framing.HTTP
+            return True
         start = len(self._buf) - len(self._buf.lstrip(_WHITESPACE))
         head = bytes(self._buf[start : start + len(_LSP_MAGIC)]).lower()
         if not head:

@@ -12,7 +12,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["DaemonProcess", "RawConnection", "block_bytes", "other_tiny_model", "short_tmpdir"]
+__all__ = [
+    "DaemonProcess",
+    "RawConnection",
+    "block_bytes",
+    "free_port",
+    "other_tiny_model",
+    "short_tmpdir",
+]
 
 
 def block_bytes(model_cache: Path) -> int:
@@ -33,6 +40,15 @@ def other_tiny_model(model_cache: Path, dest: Path) -> Path:
     data[-8] ^= 0x01
     weights.write_bytes(bytes(data))
     return dest
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for `--http`)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def short_tmpdir() -> Path:
