@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         config.validate()  # before logging starts: a bad option is one line, nothing else
     except (_Refused, ConfigError) as exc:
         print(f"mlxd serve: {exc}", file=sys.stderr)
-        return 2
+        return 1
     configure_logging(args.log_level)
     try:
         runner = run_stdio if args.stdio else run_daemon

@@ -3,7 +3,8 @@
 The event loop hands it Jobs through a thread-safe inbox; every engine step produces at
 most one Update per running job, and `emit` is called once per step with all of them
 (one hop to the loop per step, not per token). Cancellation takes effect at the next step
-boundary and frees the sequence's memory.
+boundary and frees the sequence's memory. Every job gets exactly one outcome, whatever
+raises: a failed step fails the running jobs, a failure in one job's handling that job.
 """
 
 from __future__ import annotations
@@ -250,10 +251,8 @@ class Engine:
         try:
             cache, tokens = self._remove(state, keep=job.keep_cache and error is None)
             text = state.text.finish()
-            update = self._finish(
-                state, "cancelled" if error is None else "error", text, [], cache, tokens,
-                error=error,
-            )  # fmt: skip
+            reason = "cancelled" if error is None else "error"
+            update = self._finish(state, reason, text, [], cache, tokens, error=error)
         except Exception as exc:
             update = self._fail_one(state, exc)
         self._emit([(job, update)])
@@ -294,7 +293,7 @@ class Engine:
             try:
                 update = self._on_token(state, r, now)
             except Exception as exc:  # one job's failure (say, quantizing its cache)
-                log.exception("token handling failed; failing the request", extra=state.job.tag)
+                log.exception("token handling failed; failing that request alone")
                 update = self._fail_one(state, exc)
             updates.append((state.job, update))
         if updates:

@@ -3,7 +3,8 @@
 Read once from the environment at import; unset (every real run) costs one dict lookup.
 Points: ENGINE_STEPS (a whole batch step), TOKEN (per-token handling on the engine
 thread), DELIVER (handing an update to its request on the loop), COMMIT (a session's
-commit after its turn), WRITE_ENOSPC / WRITE_EROFS (session file writes, see persistence).
+commit after its turn). The session file writes keep their own MLXD_FAULT_WRITE_* reads in
+persistence.py, which crash tests load as a lone file, without this package.
 """
 
 from __future__ import annotations

@@ -42,8 +42,6 @@ import numpy as np
 import safetensors.numpy
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from . import faults
-
 __all__ = [
     "FORMAT",
     "GROUP_SIZE",
@@ -87,6 +85,13 @@ _METADATA_KEYS = (
 # token); it exists so a garbage length cannot make us allocate gigabytes.
 _MAX_HEADER = 64 * 1024 * 1024
 _WRITE_CHUNK = 8 * 1024 * 1024
+# Fault injection for tests of the disk-error paths (like MLXD_FAULT_ENGINE_STEPS): the
+# next N writes fail as on a full disk (ENOSPC, halfway through the data) or a read-only
+# folder (EROFS, creating the temp file). Tests run as root, where chmod cannot stop writes.
+_FAULTS = {
+    errno.ENOSPC: int(os.environ.get("MLXD_FAULT_WRITE_ENOSPC", "0") or 0),
+    errno.EROFS: int(os.environ.get("MLXD_FAULT_WRITE_EROFS", "0") or 0),
+}
 
 # numpy dtype <-> safetensors dtype code, for the only dtypes our files contain.
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
@@ -353,8 +358,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _injected(code: int, path: Path) -> OSError:
-    return OSError(code, f"{os.strerror(code)} (injected)", str(path))
+def _injected_fault(code: int, path: Path) -> None:
+    if _FAULTS[code] > 0:
+        _FAULTS[code] -= 1
+        raise OSError(code, f"{os.strerror(code)} (injected)", str(path))
 
 
 def write_snapshot(
@@ -376,17 +383,13 @@ def write_snapshot(
     # 0600 from creation: KV caches reveal the conversation, so never world-readable,
     # not even between open() and a later chmod().
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-    # Tests of the disk-error paths (MLXD_FAULT_WRITE_EROFS / _ENOSPC): a write fails as in
-    # a read-only folder, or on a full disk halfway through. Tests run as root, where chmod
-    # cannot stop writes.
-    if faults.take("WRITE_EROFS"):
-        raise _injected(errno.EROFS, path.parent)
+    _injected_fault(errno.EROFS, path.parent)
     fd = os.open(tmp, flags, 0o600)
     try:
         try:
-            if faults.take("WRITE_ENOSPC"):
+            if _FAULTS[errno.ENOSPC]:
                 _write_all(fd, data[: len(data) // 2])
-                raise _injected(errno.ENOSPC, tmp)
+                _injected_fault(errno.ENOSPC, tmp)
             _write_all(fd, data)
             _full_fsync(fd)
         finally:

@@ -46,10 +46,11 @@ def _stalled_stream(proc: DaemonProcess) -> RawConnection:
     return conn
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_a_drain_with_a_client_that_stopped_reading_is_bounded(
-    short_dir: Path, model_cache: Path
+    short_dir: Path, model_cache: Path, backend: str
 ) -> None:
-    proc = DaemonProcess(short_dir, model_cache).start()
+    proc = DaemonProcess(short_dir, model_cache, backend=backend).start()
     stalled = _stalled_stream(proc)
     drain_s = 1.0
     with Client(proc.socket, timeout=30) as client:
