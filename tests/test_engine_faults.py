@@ -116,3 +116,31 @@ def test_a_fault_on_the_final_token_still_replies(short_dir: Path, model_cache: 
         _still_serving(proc, 3)
     finally:
         assert proc.stop() == 0
+
+
+def test_kv_bits_4_on_a_head_dim_quantize_refuses_fails_only_that_request(
+    short_dir: Path, model_cache: Path
+) -> None:
+    # A real per-token failure: head_dim 32 is not a multiple of the quantization group
+    # (64), so quantizing a session's cache at the end of its turn raises in mx.quantize.
+    from mlxd.daemon.builtin_model import BuiltinSpec, _write_model
+
+    folder = short_dir / "head-dim-32"
+    spec = BuiltinSpec(
+        hidden_size=128, num_layers=2, intermediate_size=256, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=2048, seed=3,
+    )  # fmt: skip
+    folder.mkdir()
+    _write_model("head-dim-32", spec, folder)
+    proc = DaemonProcess(short_dir, model_cache, "--kv-bits", "4", model=str(folder)).start()
+    try:
+        with Client(proc.socket, timeout=30) as client:
+            with pytest.raises(rpc.RpcError) as failure:
+                client.generate("a session turn", max_tokens=4, session="q")
+            assert failure.value.code == rpc.ErrorCode.INTERNAL_ERROR
+            plain = client.generate("no session, nothing to quantize", max_tokens=4)
+            assert plain.usage.completion_tokens == 4
+            status = client.status()
+        assert status.state == "ok" and status.active == 0
+    finally:
+        assert proc.stop() == 0
