@@ -45,6 +45,8 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
+_MEMORY_READ_S = 1.0
+
 _NEXT = {
     State.LOADING: {State.OK, State.DRAINING},
     State.OK: {State.SWAPPING, State.DRAINING},
@@ -69,6 +71,7 @@ class Daemon:
         self.config = config
         self.started = time.monotonic()
         self.state = State.LOADING
+        self._mlx_memory = (0, 0)  # MLX active and cache bytes, as last read
         self.totals = rpc.Totals()
         self.engine: Engine = None  # type: ignore[assignment]
         self.bridge: LoopBridge = None  # type: ignore[assignment]
@@ -331,10 +334,13 @@ class Daemon:
         else:
             state = "degraded" if degraded else "ok"
         ttft, itl = engine.ttft_ms.percentiles(), engine.itl_ms.percentiles()
-        # Read now, on the engine thread: freed caches (deleted sessions) show at once.
-        active, cached = await self.on_engine(
-            lambda: (mx.get_active_memory(), mx.get_cache_memory())
-        )
+        # Read now, on the engine thread: freed caches (deleted sessions) show at once. While
+        # the engine is busy for long (a model load) the last reading answers instead.
+        with anyio.move_on_after(_MEMORY_READ_S):
+            self._mlx_memory = await self.on_engine(
+                lambda: (mx.get_active_memory(), mx.get_cache_memory())
+            )
+        active, cached = self._mlx_memory
         return rpc.StatusResult(
             state=state,  # type: ignore[arg-type]
             model=self.model_info(),
