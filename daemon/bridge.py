@@ -1,7 +1,7 @@
 """Engine thread → event loop: post callables without blocking the engine.
 
-The engine never waits for the loop: callables are queued and one drain is scheduled with
-the backend's thread-safe `run_sync_soon` (FIFO on asyncio and trio), so order is kept.
+The engine never waits for the loop: callables are queued and one drain is scheduled on
+the loop (FIFO on asyncio and trio), so order is kept.
 """
 
 from __future__ import annotations
@@ -13,11 +13,22 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from anyio.lowlevel import current_token
+from anyio.lowlevel import EventLoopToken, current_token
 
 __all__ = ["LoopBridge"]
 
 log = logging.getLogger(__name__)
+
+
+def _call_soon(token: EventLoopToken, fn: Callable[[], object]) -> None:
+    """Schedule `fn` on the loop of `token` from any thread, without waiting for it.
+
+    anyio (4.11+) has no public non-blocking form: `from_thread.run_sync(..., token=...)`
+    waits for the result, which would make the engine wait for the loop. This is the
+    backend hook anyio's own BlockingPortal uses (asyncio `call_soon_threadsafe`, trio
+    `TrioToken.run_sync_soon`); it is the one internal the daemon relies on.
+    """
+    token.backend_class.run_sync_soon(fn, (), token.native_token)
 
 
 class LoopBridge:
@@ -35,7 +46,7 @@ class LoopBridge:
         self._scheduled = True  # a race here only costs one extra, empty drain
         # If the loop is gone there is nobody left to deliver to.
         with contextlib.suppress(anyio.RunFinishedError):
-            self._token.backend_class.run_sync_soon(self._drain, (), self._token.native_token)
+            _call_soon(self._token, self._drain)
 
     def _drain(self) -> None:
         self._scheduled = False

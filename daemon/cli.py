@@ -4,34 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from mlxd.rpc import SocketPathTooLong, default_socket_path
+from mlxd.rpc import SocketPathTooLong, check_socket_path, default_socket_path
 
 if TYPE_CHECKING:
     from mlxd.client import Client
 
+    from .config import Config
+
 __all__ = ["main"]
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from .http import AddressError, parse_http_address
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage itself is one `--help` away)."""
 
-    try:  # refused before the slow imports: a mistake is told at once
-        http = parse_http_address(args.http, args.http_allow_remote) if args.http else None
-    except AddressError as exc:
-        print(f"mlxd: {exc}", file=sys.stderr)
-        return 2
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
-    import anyio
 
+class _Refused(Exception):
+    """A command cannot run; the message is the one line printed."""
+
+
+def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
     from .config import Config, parse_bytes
-    from .lifecycle import SocketSetupError, run_daemon, run_stdio
-    from .logs import configure_logging
 
-    configure_logging(args.log_level)
     config = Config(
         model=args.model,
         socket=Path(args.socket).expanduser().absolute(),
@@ -45,23 +46,59 @@ def _serve(args: argparse.Namespace) -> int:
         http=http,
         http_cors=args.http_cors,
     )
-    if args.max_frame_bytes:
-        config.max_frame_bytes = parse_bytes(args.max_frame_bytes)
-    if args.kv_budget:
-        config.kv_budget_bytes = parse_bytes(args.kv_budget)
-    if args.disk_budget:
-        config.disk_budget_bytes = parse_bytes(args.disk_budget)
+    sizes = {
+        "--max-frame-bytes": ("max_frame_bytes", args.max_frame_bytes),
+        "--kv-budget": ("kv_budget_bytes", args.kv_budget),
+        "--disk-budget": ("disk_budget_bytes", args.disk_budget),
+    }
+    for option, (name, text) in sizes.items():
+        if text:
+            try:
+                setattr(config, name, parse_bytes(text))
+            except ValueError as exc:
+                raise _Refused(f"{option}: {exc}") from None
     if args.state_dir:
         config.state_dir = Path(args.state_dir).expanduser().absolute()
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .http import AddressError, parse_http_address
+
+    try:  # refused before the slow imports: a mistake is told at once
+        http = parse_http_address(args.http, args.http_allow_remote) if args.http else None
+    except AddressError as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 2
+
+    import anyio
+
+    from .config import ConfigError
+    from .lifecycle import SocketSetupError, run_daemon, run_stdio
+    from .logs import configure_logging
+    from .model import ModelLoadError
+
+    try:
+        config = _config(args, http)
+        config.validate()  # before logging starts: a bad option is one line, nothing else
+    except (_Refused, ConfigError) as exc:
+        print(f"mlxd serve: {exc}", file=sys.stderr)
+        return 1
+    configure_logging(args.log_level)
     try:
         runner = run_stdio if args.stdio else run_daemon
         anyio.run(lambda: runner(config), backend=args.backend)
-    except (SocketSetupError, SocketPathTooLong, AddressError) as exc:
+    except (SocketSetupError, SocketPathTooLong, ConfigError, ModelLoadError, AddressError) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    # Everything is saved and closed: skip the interpreter's teardown of the model's arrays
+    # and threads (a second or more), which would count against the service manager's
+    # exit timeout.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -76,6 +113,7 @@ def _token(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Client:
     from mlxd.client import Client
 
+    check_socket_path(args.socket)  # too long: one line from main(), not an OSError
     return Client(args.socket)
 
 
@@ -135,9 +173,14 @@ def _chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from mlxd.launchd import add_service_commands
 
-    parser = argparse.ArgumentParser(prog="mlxd", description="A local LLM inference sidecar.")
+    parser: argparse.ArgumentParser = _Parser(
+        prog="mlxd", description="A local LLM inference sidecar."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    socket_default = str(default_socket_path())
+    try:
+        socket_default = str(default_socket_path())
+    except SocketPathTooLong as exc:  # a too-long $MLXD_SOCKET: said when a command uses it
+        socket_default = os.environ.get("MLXD_SOCKET", str(exc))
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument(
@@ -222,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SocketPathTooLong as exc:
+        print(f"mlxd: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from mlxd.rpc import DEFAULT_MAX_FRAME_BYTES, default_socket_path
+from mlxd.rpc import (
+    DEFAULT_MAX_FRAME_BYTES,
+    SocketPathTooLong,
+    check_socket_path,
+    default_socket_path,
+)
 
 from .paths import cache_dir, state_dir
 
-__all__ = ["Config", "default_kv_budget", "parse_bytes"]
+__all__ = ["Config", "ConfigError", "default_kv_budget", "parse_bytes"]
 
 _UNITS = {
     "": 1,
@@ -71,3 +78,66 @@ class Config:
     stdio: bool = False
     http: tuple[str, int] | None = None  # --http HOST:PORT: a TCP listener (token required)
     http_cors: str | None = None  # the one browser origin allowed to call the HTTP API
+
+    def validate(self) -> None:
+        """Refuse settings the daemon cannot serve with (ConfigError, one clear line): a
+        zero batch or prefill chunk would make every request wait forever."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low, high = _RANGES.get(f.name, (None, None))
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_option(f.name)} must be a finite number, not {value}")
+            if low is not None and value < low:
+                raise ConfigError(f"{_option(f.name)} must be at least {low}, not {value}")
+            if high is not None and value > high:
+                raise ConfigError(f"{_option(f.name)} must be at most {high}, not {value}")
+        if self.kv_bits not in (0, 4, 8):
+            raise ConfigError(f"--kv-bits must be 0, 4 or 8, not {self.kv_bits}")
+        if self.backend not in ("asyncio", "trio"):
+            raise ConfigError(f"--backend must be asyncio or trio, not {self.backend!r}")
+        try:
+            check_socket_path(self.socket)
+        except SocketPathTooLong as exc:
+            raise ConfigError(str(exc)) from None
+        _writable_folder(self.state_dir, "--state-dir")
+
+
+class ConfigError(ValueError):
+    """A setting the daemon cannot run with; the message names the option."""
+
+
+# (least, most) for each numeric setting; None: no bound on that side.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "kv_budget_bytes": (1, None),
+    "disk_budget_bytes": (0, None),
+    "block_tokens": (1, None),
+    "max_queue": (0, None),
+    "max_inflight_per_connection": (1, None),
+    "max_frame_bytes": (1024, None),
+    "idle_frame_timeout_s": (0.001, None),
+    "drain_timeout_s": (0, 86_400),
+    "persist_timeout_s": (0, 86_400),
+    "prefill_step_size": (1, None),
+    "max_batch": (1, None),
+}
+_OPTIONS = {
+    "kv_budget_bytes": "--kv-budget",
+    "disk_budget_bytes": "--disk-budget",
+    "prefill_step_size": "--prefill-chunk",
+    "drain_timeout_s": "--drain-timeout",
+    "idle_frame_timeout_s": "--idle-frame-timeout",
+}
+
+
+def _option(name: str) -> str:
+    return _OPTIONS.get(name, "--" + name.replace("_", "-"))
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryFile(dir=folder):
+            pass  # as root, permission bits do not stop writes: only trying tells
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{option} {folder} is not a writable folder: {reason}") from None

@@ -3,13 +3,13 @@
 The event loop hands it Jobs through a thread-safe inbox; every engine step produces at
 most one Update per running job, and `emit` is called once per step with all of them
 (one hop to the loop per step, not per token). Cancellation takes effect at the next step
-boundary and frees the sequence's memory.
+boundary and frees the sequence's memory. Every job gets exactly one outcome, whatever
+raises: a failed step fails the running jobs, a failure in one job's handling that job.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from . import faults
 from .metrics import LatencyWindow
 from .persistence import quantize_cache
 from .sampling import make_sampler
@@ -120,10 +121,6 @@ class Engine:
         self.ttft_ms = LatencyWindow()
         self.itl_ms = LatencyWindow()
         self.steps = 0
-        # Fault injection for tests of the failure path: the next N steps raise.
-        self._faults = int(os.environ.get("MLXD_FAULT_ENGINE_STEPS", "0") or 0)
-        self.mlx_active_bytes = 0
-        self.mlx_cache_bytes = 0
 
     # -- any thread -----------------------------------------------------------------
 
@@ -136,6 +133,10 @@ class Engine:
 
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))
+
+    def fail(self, job: Job, error: BaseException) -> None:
+        """End `job` with an "error" outcome (its update could not be handled)."""
+        self._inbox.put(("fail", (job, error)))
 
     def call(
         self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
@@ -183,6 +184,8 @@ class Engine:
                 self._insert(arg)
             elif kind == "cancel":
                 self._cancel(arg)
+            elif kind == "fail":
+                self._cancel(*arg)
             elif kind == "call":
                 fn, done = arg
                 try:
@@ -240,13 +243,19 @@ class Engine:
         for state in list(self._running.values()):
             self._cancel(state.job)
 
-    def _cancel(self, job: Job) -> None:
+    def _cancel(self, job: Job, error: BaseException | None = None) -> None:
+        """Remove `job` from the batch with a "cancelled" outcome ("error" with `error`)."""
         state = self._by_job.get(id(job))
         if state is None:
             return  # finished already; its outcome is on its way
-        cache, tokens = self._remove(state, keep=job.keep_cache)
-        text = state.text.finish()
-        self._emit([(job, self._finish(state, "cancelled", text, [], cache, tokens))])
+        try:
+            cache, tokens = self._remove(state, keep=job.keep_cache and error is None)
+            text = state.text.finish()
+            reason = "cancelled" if error is None else "error"
+            update = self._finish(state, reason, text, [], cache, tokens, error=error)
+        except Exception as exc:
+            update = self._fail_one(state, exc)
+        self._emit([(job, update)])
 
     def _remove(self, state: _Running, keep: bool) -> tuple[KVCacheList | None, list[int] | None]:
         caches = self._generator().remove([state.uid], return_prompt_caches=keep)
@@ -268,9 +277,7 @@ class Engine:
         if not self._running:
             return False
         try:
-            if self._faults > 0:
-                self._faults -= 1
-                raise RuntimeError("injected engine fault (MLXD_FAULT_ENGINE_STEPS)")
+            faults.check("ENGINE_STEPS")
             _, responses = self._generator().next()
         except Exception as exc:
             log.exception("batch step failed; failing %d running requests", len(self._running))
@@ -281,15 +288,30 @@ class Engine:
         updates = []
         for r in responses:
             state = self._running.get(r.uid)
-            if state is not None:
-                updates.append((state.job, self._on_token(state, r, now)))
-        self.mlx_active_bytes = mx.get_active_memory()
-        self.mlx_cache_bytes = mx.get_cache_memory()
+            if state is None:
+                continue
+            try:
+                update = self._on_token(state, r, now)
+            except Exception as exc:  # one job's failure (say, quantizing its cache)
+                log.exception("token handling failed; failing that request alone")
+                update = self._fail_one(state, exc)
+            updates.append((state.job, update))
         if updates:
             self._emit(updates)
         return True
 
+    def _fail_one(self, state: _Running, exc: BaseException) -> Update:
+        """An "error" outcome for one job; its sequence leaves the batch if still in it."""
+        update = self._finish(state, "error", "", [], None, None, error=exc)
+        try:
+            self._generator().remove([state.uid])  # a uid no longer in the batch is ignored
+        except Exception:
+            log.exception("removing a failed sequence failed; resetting the batch")
+            self._fail_all(exc)
+        return update
+
     def _on_token(self, state: _Running, r: Any, now: float) -> Update:
+        faults.check("TOKEN")
         token = int(r.token)
         if state.t_first is None:
             state.t_first = now

@@ -14,6 +14,7 @@ import msgspec
 
 from mlxd import rpc
 
+from . import faults
 from .engine import Job, Outcome, Update
 from .server import RequestContext
 
@@ -123,6 +124,7 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
             )
             daemon.slots.release()
             if session is not None:
+                faults.check("COMMIT")  # test-only fault seam
                 daemon.sessions.commit(session, outcome.cache, outcome.cache_tokens, reservation)
                 session.turn.release()
                 daemon.pool.nudge()  # an idle session's blocks can be spilled for the queue

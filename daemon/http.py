@@ -220,7 +220,6 @@ class HttpFront:
         self.token: str | None = None  # needed on TCP only; loaded when a TCP port is opened
         self.cors: str | None = daemon.config.http_cors
         self.created = int(time.time())
-        self._accepting = anyio.CancelScope()
 
     async def listen(self) -> SocketListener:
         """The TCP listener of `--http` (bound before the daemon says it serves)."""
@@ -235,12 +234,8 @@ class HttpFront:
         return listener  # type: ignore[return-value]
 
     async def serve_listener(self, listener: Any, tg: TaskGroup) -> None:
-        with self._accepting:
-            async with listener:
-                await listener.serve(self.serve_tcp, tg)
-
-    def stop_listening(self) -> None:
-        self._accepting.cancel()  # draining: no new TCP connections; open ones stay
+        async with listener:
+            await listener.serve(self.serve_tcp, tg)
 
     async def serve_unix(self, stream: ByteStream, data: bytes, conn_id: int) -> None:
         await _Conn(self, stream, conn_id, tcp=False).run(data)

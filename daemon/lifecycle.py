@@ -16,7 +16,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -33,7 +33,7 @@ from anyio.abc import (
 from mlxd.rpc import check_socket_path
 
 from .config import Config
-from .service import Daemon
+from .service import Daemon, State
 
 __all__ = [
     "AlreadyRunning",
@@ -158,104 +158,155 @@ async def _serve_listener(daemon: Daemon, listener: SocketListener, tg: TaskGrou
         tg.start_soon(_accept, daemon, stream)
 
 
-async def _watch_signals(daemon: Daemon) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(
+    daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    # SIGHUP too: `mlxd serve &` in a terminal that closes must drain and save, not vanish.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
+            name = signal.Signals(signum).name
             if daemon.shutdown_requested.is_set():
-                log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
+                log.warning("second signal: exiting now", signal=name)
                 os._exit(128 + signum)
-            log.info("signal: draining", signal=signal.Signals(signum).name)
+            if daemon.state is State.LOADING:
+                log.info("signal during model load: stopping", signal=name)
+            else:
+                log.info("signal: draining", signal=name)
             daemon.shutdown_requested.set()
+
+
+async def _start(daemon: Daemon) -> bool:
+    """Load the model; False if a signal asked to stop first (nothing to drain or save)."""
+    error: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def load() -> None:
+            try:
+                await daemon.start()
+            except Exception as exc:  # raised below as itself, not in the group's group
+                error.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(load)
+        await daemon.shutdown_requested.wait()
+        tg.cancel_scope.cancel()
+    if error:
+        raise error[0]
+    return daemon.state is not State.LOADING
+
+
+async def _run(daemon: Daemon, serve: Callable[[TaskGroup], Awaitable[None]]) -> None:
+    """Watch signals, load the model, `serve` (start the listener tasks in the group) until
+    asked to stop, then drain. The daemon still accepts while draining: a new client gets
+    ShuttingDown, not a hang."""
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        await tg.start(_watch_signals, daemon)
+        try:
+            if await _start(daemon):
+                await serve(tg)
+                await daemon.shutdown_requested.wait()
+                timeout = daemon.shutdown_drain_s  # from `shutdown`, else the configured one
+                await daemon.drain(daemon.config.drain_timeout_s if timeout is None else timeout)
+        except Exception as exc:  # raised as itself below, not inside the group's group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def run_daemon(
     config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
 ) -> None:
+    config.validate()
     daemon = Daemon(config)
     with prepare_socket(config.socket) as sock:
-        await daemon.start()
-        try:
-            tcp = await daemon.http.listen() if config.http else None
+
+        async def serve(tg: TaskGroup) -> None:
             # The listener owns a duplicate: prepare_socket closes and unlinks the original.
             listener = await SocketListener.from_socket(sock.dup())
-            async with anyio.create_task_group() as tg:
-                accepting = anyio.CancelScope()
 
-                async def serve_connections() -> None:
-                    with accepting:
-                        async with listener:
-                            await _serve_listener(daemon, listener, tg)
+            async def serve_connections() -> None:
+                async with listener:
+                    await _serve_listener(daemon, listener, tg)
 
-                tg.start_soon(serve_connections)
-                if tcp is not None:
-                    tg.start_soon(daemon.http.serve_listener, tcp, tg)
-                tg.start_soon(_watch_signals, daemon)
-                log.info("serving", socket=str(config.socket), pid=os.getpid())
-                task_status.started(config.socket)
-                await daemon.shutdown_requested.wait()
-                accepting.cancel()  # stop accepting; open connections stay until drained
-                daemon.http.stop_listening()
-                timeout = daemon.shutdown_drain_s
-                await daemon.drain(config.drain_timeout_s if timeout is None else timeout)
-                tg.cancel_scope.cancel()
+            tg.start_soon(serve_connections)
+            if config.http:  # a TCP port too; it also stays open while draining
+                tg.start_soon(daemon.http.serve_listener, await daemon.http.listen(), tg)
+            log.info("serving", socket=str(config.socket), pid=os.getpid())
+            task_status.started(config.socket)
+
+        try:
+            await _run(daemon, serve)
         finally:
             with anyio.CancelScope(shield=True):
                 await daemon.close()
-    log.info("stopped")
+            log.info("stopped")
 
 
 async def run_stdio(config: Config) -> None:
     """Serve one peer on stdin/stdout (an editor that spawns its sidecar); exit at its EOF."""
+    config.validate()
     daemon = Daemon(config)
-    await daemon.start()
+
+    async def serve(tg: TaskGroup) -> None:
+        async def serve_peer() -> None:
+            await daemon.server.serve_stream(StdioStream())
+            daemon.shutdown_requested.set()
+
+        tg.start_soon(serve_peer)
+        log.info("serving", stdio=True, pid=os.getpid())
+
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, daemon)
-
-            async def serve_peer() -> None:
-                await daemon.server.serve_stream(StdioStream())
-                daemon.shutdown_requested.set()
-
-            tg.start_soon(serve_peer)
-            log.info("serving", stdio=True, pid=os.getpid())
-            await daemon.shutdown_requested.wait()
-            await daemon.drain(config.drain_timeout_s)
-            tg.cancel_scope.cancel()
+        await _run(daemon, serve)
     finally:
         with anyio.CancelScope(shield=True):
             await daemon.close()
-    log.info("stopped")
+        log.info("stopped")
 
 
 class StdioStream(ByteStream):
-    """Bytes over file descriptors 0 and 1, read and written by worker threads.
+    """Bytes over file descriptors 0 and 1, non-blocking and awaited on the event loop.
 
-    Portable to every backend; a read blocked in its thread is abandoned at exit.
+    No worker threads: a read or a write to a peer that stopped reading is cancellable and
+    cannot hold the exit. The descriptors' blocking mode is restored on close.
     """
 
     def __init__(self, read_fd: int = 0, write_fd: int = 1) -> None:
         self._read_fd, self._write_fd = read_fd, write_fd
         self._eof = False
+        self._blocking = {fd: os.get_blocking(fd) for fd in (read_fd, write_fd)}
+        for fd in self._blocking:
+            os.set_blocking(fd, False)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._eof:
-            raise anyio.EndOfStream
-        data = await anyio.to_thread.run_sync(
-            os.read, self._read_fd, max_bytes, abandon_on_cancel=True
-        )
-        if not data:
+        while not self._eof:
+            try:
+                data = os.read(self._read_fd, max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._read_fd)
+                continue
+            if data:
+                return data
             self._eof = True
-            raise anyio.EndOfStream
-        return data
+        raise anyio.EndOfStream
 
     async def send(self, item: bytes) -> None:
         view = memoryview(item)
         while view:
-            written = await anyio.to_thread.run_sync(os.write, self._write_fd, view)
-            view = view[written:]
+            try:
+                view = view[os.write(self._write_fd, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self._write_fd)
 
     async def send_eof(self) -> None:
         pass
 
     async def aclose(self) -> None:
         self._eof = True
+        for fd, blocking in self._blocking.items():
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)

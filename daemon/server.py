@@ -8,7 +8,6 @@ requests, and every request gets exactly one response, whatever happens to it.
 from __future__ import annotations
 
 import itertools
-import logging
 import select
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,11 @@ __all__ = ["Handler", "RequestContext", "RpcServer"]
 log = structlog.get_logger("mlxd.server")
 _conn_ids = itertools.count(1)
 _BROKEN_GRACE_S = 5.0  # a broken connection's cancelled requests reply within this, or not
+# A cancelled request normally ends through its hook (the engine's next step, with its
+# partial text). A send blocked on a peer that stopped reading cannot see that: it is
+# cancelled after _SEND_GRACE_S, and the whole request after _CANCEL_GRACE_S.
+_SEND_GRACE_S = 0.25
+_CANCEL_GRACE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -37,28 +41,49 @@ class RequestContext:
     method: str
     connection_id: int
     notify: Callable[[str, Any], Awaitable[None]]
-    cancel_hook: Callable[[], None] | None = None  # replaces the default scope cancel
+    cancel_hook: Callable[[], None] | None = None  # tried first, before the scope cancel
     cancel_requested: bool = False
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     summary: dict[str, Any] = field(default_factory=dict)  # extra fields for the request's log line
+    sending: anyio.CancelScope | None = None  # around a send to the peer, while one runs
 
     def cancel(self) -> None:
+        """Cancel the request: through its hook if it has one, else (or if that does not
+        end it in time) through its scope; a send blocked on its peer is cut short."""
         self.cancel_requested = True
-        if self.cancel_hook is not None:
-            self.cancel_hook()
-        else:
+        if self.cancel_hook is None:
             self.scope.cancel()
+            return
+        self.cancel_hook()
+        now = anyio.current_time()
+        self.scope.deadline = min(self.scope.deadline, now + _CANCEL_GRACE_S)
+        if self.sending is not None:
+            self.sending.deadline = min(self.sending.deadline, now + _SEND_GRACE_S)
+
+    async def send_bounded(self, send: Awaitable[None]) -> None:
+        """Await `send`, cut short once the request is cancelled and the grace is over."""
+        with anyio.CancelScope() as scope:
+            if self.cancel_requested:
+                scope.deadline = anyio.current_time() + _SEND_GRACE_S
+            self.sending = scope
+            try:
+                await send
+            finally:
+                self.sending = None
 
 
 Handler = Callable[[Any, RequestContext], Awaitable[Any]]
 
 
 class _Writer:
-    """Serialises writes to one connection; a failed write marks it closed, never raises."""
+    """Serialises writes to one connection; a failed, timed-out or interrupted write marks
+    it closed (a frame may be half-written: nothing can follow it) and never raises but
+    cancellation."""
 
-    def __init__(self, stream: ByteStream, codec: rpc.Connection) -> None:
+    def __init__(self, stream: ByteStream, codec: rpc.Connection, timeout_s: float) -> None:
         self._stream = stream
         self._codec = codec
+        self._timeout_s = timeout_s
         self._lock = anyio.Lock()
         self.closed = False
         self.unanswered = 0  # requests and batches read but not yet replied to
@@ -69,10 +94,21 @@ class _Writer:
             return
         data = self._codec.send(message)
         async with self._lock:
+            if self.closed:
+                return
             try:
-                await self._stream.send(data)
+                with anyio.fail_after(self._timeout_s):  # a peer that stopped reading
+                    await self._stream.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                self.closed = True
+                await self._abort()  # TimeoutError is an OSError
+            except anyio.get_cancelled_exc_class():
+                await self._abort()
+                raise
+
+    async def _abort(self) -> None:
+        self.closed = True
+        with anyio.CancelScope(shield=True):  # ends the read loop too: the connection is done
+            await self._stream.aclose()
 
 
 class RpcServer:
@@ -85,9 +121,11 @@ class RpcServer:
         max_frame_bytes: int = rpc.DEFAULT_MAX_FRAME_BYTES,
         idle_frame_timeout_s: float = 30.0,
         max_inflight_per_connection: int = 64,
+        send_timeout_s: float = 30.0,
         refuse: Callable[[str], rpc.RpcError | None] | None = None,
     ) -> None:
         self.handlers = handlers
+        self.send_timeout_s = send_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.idle_frame_timeout_s = idle_frame_timeout_s
         self.max_inflight = max_inflight_per_connection
@@ -115,7 +153,7 @@ class RpcServer:
     async def serve_stream(self, stream: ByteStream) -> None:
         conn_id = next(_conn_ids)
         codec = rpc.Connection(max_frame_bytes=self.max_frame_bytes)
-        writer = _Writer(stream, codec)
+        writer = _Writer(stream, codec, self.send_timeout_s)
         inflight: dict[int | str, RequestContext] = {}
         self.connections += 1
         try:
@@ -170,7 +208,12 @@ class RpcServer:
                 with anyio.move_on_after(timeout) as idle:
                     try:
                         data = await stream.receive(65536)
-                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    except (
+                        anyio.EndOfStream,
+                        anyio.BrokenResourceError,
+                        anyio.ClosedResourceError,  # the writer gave up on the peer
+                        OSError,
+                    ):
                         data = b""
                 if idle.cancelled_caught:
                     log.info("closing connection: partial frame idle", conn=conn_id)
@@ -240,9 +283,10 @@ class RpcServer:
 
     def _context(self, message: rpc.Request, writer: _Writer, conn_id: int) -> RequestContext:
         async def notify(method: str, params: Any) -> None:
-            await writer.send(rpc.notification(method, params))
+            await ctx.send_bounded(writer.send(rpc.notification(method, params)))
 
-        return RequestContext(message.id, message.method, conn_id, notify)
+        ctx = RequestContext(message.id, message.method, conn_id, notify)
+        return ctx
 
     async def _run_one(
         self,
@@ -337,11 +381,7 @@ class RpcServer:
                         rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled", data
                     )
                     return rpc.error_response(ctx.id, error)
-                except (msgspec.ValidationError, ValueError, TypeError) as exc:
-                    logging.getLogger(__name__).debug("bad request", exc_info=True)
-                    error = rpc.ErrorObject(rpc.ErrorCode.INVALID_PARAMS, str(exc))
-                    return rpc.error_response(ctx.id, error)
-                except Exception as exc:
+                except Exception as exc:  # a bug of ours, never the client's fault: -32603
                     log.exception("handler failed", method=message.method, id=ctx.id)
                     error = rpc.ErrorObject(rpc.ErrorCode.INTERNAL_ERROR, f"internal error: {exc}")
                     return rpc.error_response(ctx.id, error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import resource
 import sys
@@ -17,7 +19,7 @@ import structlog
 import mlxd
 from mlxd import rpc
 
-from . import BLAS
+from . import BLAS, faults
 from .bridge import LoopBridge
 from .config import Config
 from .engine import Engine, Job, Update
@@ -29,9 +31,30 @@ from .server import RequestContext, RpcServer
 from .sessions import ModelShape, SessionStore
 from .turns import Turn
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "State"]
 
 log = structlog.get_logger("mlxd")
+
+
+class State(enum.Enum):
+    """The daemon's life: a drain, once begun, is never undone (not even by a swap)."""
+
+    LOADING = "loading"
+    OK = "ok"
+    SWAPPING = "swapping"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+_MEMORY_READ_S = 1.0
+
+_NEXT = {
+    State.LOADING: {State.OK, State.DRAINING},
+    State.OK: {State.SWAPPING, State.DRAINING},
+    State.SWAPPING: {State.OK, State.DRAINING},
+    State.DRAINING: {State.STOPPED},
+    State.STOPPED: set(),
+}
 
 
 def _rss_bytes() -> int:
@@ -48,7 +71,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = time.monotonic()
-        self.state = "ok"  # "ok" | "draining"
+        self.state = State.LOADING
+        self._mlx_memory = (0, 0)  # MLX active and cache bytes, as last read
         self.totals = rpc.Totals()
         self.engine: Engine = None  # type: ignore[assignment]
         self.bridge: LoopBridge = None  # type: ignore[assignment]
@@ -79,6 +103,7 @@ class Daemon:
             max_batch=self.config.max_batch,
         )
         self.engine.start()
+        log.info("loading model", model=self.config.model)
         await self._load(self.config.model)
         log.info(
             "model loaded",
@@ -88,6 +113,15 @@ class Daemon:
             pool_blocks=self.pool.total,
             kv_budget=self.config.kv_budget_bytes,
         )
+        self.enter(State.OK)
+
+    def enter(self, state: State) -> bool:
+        """Move to `state` if the life cycle allows it from here; False (and no change) if not."""
+        if state not in _NEXT[self.state]:
+            return False
+        log.debug("state", old=self.state.value, new=state.value)
+        self.state = state
+        return True
 
     async def _load(self, spec: str) -> None:
         cache_dir = self.config.cache_dir
@@ -131,9 +165,32 @@ class Daemon:
     def _emit(self, updates: list[tuple[Job, Update]]) -> None:
         def deliver() -> None:
             for job, update in updates:
-                job.deliver(update)
+                self._deliver(job, update)
 
         self.bridge.post(deliver)
+
+    def _deliver(self, job: Job, update: Update) -> None:
+        """Hand one update to its request; a failure ends that job alone, with an error.
+
+        A final update's `deliver` settles its job (slot, turn, reservation) even when it
+        raises; a failed intermediate one leaves the job running, so the engine ends it."""
+        try:
+            faults.check("DELIVER")  # test-only: this delivery fails before `deliver` runs
+        except faults.InjectedFault as exc:
+            log.warning("delivery failed", error=str(exc), **job.tag)
+            if update.outcome is None:
+                self.engine.fail(job, exc)
+                return
+            failed = dataclasses.replace(
+                update.outcome, finish_reason="error", cache=None, cache_tokens=None, error=exc
+            )
+            update = Update(outcome=failed)
+        try:
+            job.deliver(update)
+        except Exception as exc:
+            log.exception("delivering an engine update failed", **job.tag)
+            if update.outcome is None:
+                self.engine.fail(job, exc)
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -142,9 +199,9 @@ class Daemon:
     # -- requests -------------------------------------------------------------------
 
     def _refuse(self, method: str) -> rpc.RpcError | None:
-        if self.state == "ok" or method in ("status", "initialize", "models/current"):
+        if self.state is State.OK or method in ("status", "initialize", "models/current"):
             return None
-        if self.state == "swapping":
+        if self.state is State.SWAPPING:
             return rpc.RpcError(
                 rpc.ErrorCode.SHUTTING_DOWN, "mlxd is switching models; retry shortly"
             )
@@ -174,9 +231,10 @@ class Daemon:
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM or `shutdown`: refuse new work, finish or cancel the rest, save sessions."""
-        self.state = "draining"
+        self.enter(State.DRAINING)
         await self.drain_requests(timeout)
         await self.persist_sessions()
+        self.enter(State.STOPPED)
 
     def _request_done(self, ctx: RequestContext, outcome: str, elapsed_ms: float) -> None:
         totals = self.totals
@@ -274,8 +332,18 @@ class Daemon:
         pool, engine = self.pool, self.engine
         waiting = pool.queue_depth + self.slots.waiting
         degraded = pool.utilization > 0.9 or waiting > 0
-        state = "draining" if self.state == "draining" else ("degraded" if degraded else "ok")
+        if self.state in (State.DRAINING, State.STOPPED):
+            state = "draining"
+        else:
+            state = "degraded" if degraded else "ok"
         ttft, itl = engine.ttft_ms.percentiles(), engine.itl_ms.percentiles()
+        # Read now, on the engine thread: freed caches (deleted sessions) show at once. While
+        # the engine is busy for long (a model load) the last reading answers instead.
+        with anyio.move_on_after(_MEMORY_READ_S):
+            self._mlx_memory = await self.on_engine(
+                lambda: (mx.get_active_memory(), mx.get_cache_memory())
+            )
+        active, cached = self._mlx_memory
         return rpc.StatusResult(
             state=state,  # type: ignore[arg-type]
             model=self.model_info(),
@@ -288,7 +356,7 @@ class Daemon:
             sessions=self.sessions.tier_status(),
             latency_ms=rpc.LatencyStatus(rpc.Percentiles(*ttft), rpc.Percentiles(*itl)),
             totals=self.totals,
-            memory=rpc.MemoryStatus(_rss_bytes(), engine.mlx_active_bytes, engine.mlx_cache_bytes),
+            memory=rpc.MemoryStatus(_rss_bytes(), active, cached),
             connections=self.server.connections,
             details={
                 "blas": BLAS,
@@ -306,10 +374,9 @@ class Daemon:
 
     async def models_swap(self, params: rpc.ModelsSwapParams, ctx: RequestContext) -> Any:
         """Drain, persist sessions, unload, load the new model; on failure reload the old."""
-        if self.state != "ok":
-            raise rpc.RpcError(rpc.ErrorCode.SHUTTING_DOWN, f"cannot swap while {self.state}")
+        if not self.enter(State.SWAPPING):
+            raise rpc.RpcError(rpc.ErrorCode.SHUTTING_DOWN, f"cannot swap while {self.state.value}")
         old = self.model.id
-        self.state = "swapping"
         try:
             with anyio.CancelScope(shield=True):  # half a swap is worse than a slow one
                 timeout = params.drain_timeout_s
@@ -331,7 +398,8 @@ class Daemon:
                         f"could not load {params.model!r} ({exc}); still serving {old!r}",
                     ) from None
         finally:
-            self.state = "ok"
+            if not self.enter(State.OK):  # a drain began meanwhile: it is not undone
+                log.info("swap finished during a drain: still draining", state=self.state.value)
         log.info(
             "model swapped", old=old, new=self.model.id, fingerprint=self.model.fingerprint[:16]
         )

@@ -81,8 +81,11 @@ class DaemonProcess:
         self._ready = threading.Event()
         self._new_line = threading.Condition()
         self._reader: threading.Thread | None = None
+        self._until = '"serving"'
 
-    def start(self, timeout: float = 120.0) -> DaemonProcess:
+    def start(self, timeout: float = 120.0, until: str = '"serving"') -> DaemonProcess:
+        """Spawn the daemon and wait for a log line containing `until` (it serves)."""
+        self._until = until
         env = dict(os.environ, MLXD_CACHE_DIR=str(self.cache_dir), PYTHONUNBUFFERED="1")
         env.update(self.extra_env)
         env.pop("MLXD_SOCKET", None)
@@ -95,7 +98,7 @@ class DaemonProcess:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        serving = self._ready.wait(timeout) and any('"serving"' in x for x in self.lines)
+        serving = self._ready.wait(timeout) and any(until in x for x in self.lines)
         if not serving or self.proc.poll() is not None:
             self.kill()
             raise RuntimeError("daemon did not start:\n" + "\n".join(self.lines[-40:]))
@@ -108,7 +111,7 @@ class DaemonProcess:
             with self._new_line:
                 self.lines.append(line)
                 self._new_line.notify_all()
-            if '"serving"' in line:
+            if self._until in line:
                 self._ready.set()
         self._ready.set()  # the process ended: let start() report it
         with self._new_line:
