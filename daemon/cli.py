@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
         idle_frame_timeout_s=args.idle_frame_timeout,
+        activation_socket=args.activation_socket,
+        idle_exit_s=args.idle_exit,
+        idle_exit_keep_connections=args.idle_exit_keep_connections,
     )
     if args.max_frame_bytes:
         config.max_frame_bytes = parse_bytes(args.max_frame_bytes)
@@ -57,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Client:
     from mlxd.client import Client
 
-    return Client(args.socket)
+    return Client(args.socket, wait=getattr(args, "wait", 0.0))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -116,6 +119,8 @@ def _chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from mlxd.launchd import add_service_commands
 
+    from .idle import add_activation_options
+
     parser = argparse.ArgumentParser(prog="mlxd", description="A local LLM inference sidecar.")
     sub = parser.add_subparsers(dest="command", required=True)
     socket_default = str(default_socket_path())
@@ -156,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stdio", action="store_true", help="serve one client on stdin/stdout; logs go to stderr"
     )
     serve.add_argument("--log-level", default="info")
+    add_activation_options(serve)
     serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings")
+    gen.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for a daemon that is starting (default 30)",
+    )
     gen.set_defaults(func=_generate)
 
     status = sub.add_parser("status", help="print the daemon's status as JSON")

@@ -69,3 +69,6 @@ class Config:
     prefill_step_size: int = 256
     max_batch: int = 32
     stdio: bool = False
+    activation_socket: str | None = None  # launchd Sockets key / systemd FileDescriptorName
+    idle_exit_s: float | None = None  # exit (sessions saved) after this long with nothing to do
+    idle_exit_keep_connections: bool = False  # an open connection counts as something to do

@@ -32,7 +32,9 @@ from anyio.abc import (
 
 from mlxd.rpc import check_socket_path
 
+from .activation import inherited_socket
 from .config import Config
+from .idle import IdleWatcher
 from .service import Daemon
 
 __all__ = [
@@ -158,8 +160,11 @@ async def _serve_listener(daemon: Daemon, listener: SocketListener, tg: TaskGrou
         tg.start_soon(_accept, daemon, stream)
 
 
-async def _watch_signals(daemon: Daemon) -> None:
+async def _watch_signals(
+    daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             if daemon.shutdown_requested.is_set():
                 log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
@@ -168,36 +173,74 @@ async def _watch_signals(daemon: Daemon) -> None:
             daemon.shutdown_requested.set()
 
 
+def _listening_socket(config: Config) -> contextlib.AbstractContextManager[socket.socket]:
+    """The service manager's socket if it passed one (it owns the path: no lock, no unlink),
+    else our own, created and removed by prepare_socket."""
+    inherited = inherited_socket(config.activation_socket)
+    if inherited is None:
+        return prepare_socket(config.socket)
+    name = inherited.getsockname()
+    if isinstance(name, str) and name:
+        config.socket = Path(name)
+    log.info("socket activated", socket=str(config.socket), fd=inherited.fileno())
+    return contextlib.closing(inherited)
+
+
+async def _exit_when_idle(daemon: Daemon, watcher: IdleWatcher) -> None:
+    await watcher.wait()
+    log.info("idle: exiting", idle_exit_s=watcher.timeout_s)
+    daemon.state = "draining"  # from now on a request is refused (retry), not cut short
+    daemon.shutdown_requested.set()
+
+
 async def run_daemon(
     config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     daemon = Daemon(config)
-    with prepare_socket(config.socket) as sock:
-        await daemon.start()
+    with _listening_socket(config) as sock:
         try:
-            # The listener owns a duplicate: prepare_socket closes and unlinks the original.
-            listener = await SocketListener.from_socket(sock.dup())
             async with anyio.create_task_group() as tg:
-                accepting = anyio.CancelScope()
-
-                async def serve_connections() -> None:
-                    with accepting:
-                        async with listener:
-                            await _serve_listener(daemon, listener, tg)
-
-                tg.start_soon(serve_connections)
-                tg.start_soon(_watch_signals, daemon)
-                log.info("serving", socket=str(config.socket), pid=os.getpid())
-                task_status.started(config.socket)
-                await daemon.shutdown_requested.wait()
-                accepting.cancel()  # stop accepting; open connections stay until drained
-                timeout = daemon.shutdown_drain_s
-                await daemon.drain(config.drain_timeout_s if timeout is None else timeout)
+                # Watched from before the model load: a stop while loading exits cleanly,
+                # leaving connections that wait in the backlog to the next start.
+                await tg.start(_watch_signals, daemon)
+                log.info("loading model", model=config.model)
+                await daemon.start()
+                if not daemon.shutdown_requested.is_set():
+                    await _serve(daemon, sock, tg, task_status)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await daemon.close()
     log.info("stopped")
+
+
+async def _serve(
+    daemon: Daemon, sock: socket.socket, tg: TaskGroup, task_status: TaskStatus[Path]
+) -> None:
+    config = daemon.config
+    # The listener owns a duplicate: the original is closed (and unlinked if ours) after.
+    listener = await SocketListener.from_socket(sock.dup())
+    accepting = anyio.CancelScope()
+
+    async def serve_connections() -> None:
+        with accepting:
+            async with listener:
+                await _serve_listener(daemon, listener, tg)
+
+    tg.start_soon(serve_connections)
+    if config.idle_exit_s is not None:
+        server, keep = daemon.server, config.idle_exit_keep_connections
+        watcher = IdleWatcher(
+            config.idle_exit_s, lambda: bool(server.inflight or (keep and server.connections))
+        )
+        server.on_activity = watcher.activity
+        tg.start_soon(_exit_when_idle, daemon, watcher)
+    log.info("serving", socket=str(config.socket), pid=os.getpid())
+    task_status.started(config.socket)
+    await daemon.shutdown_requested.wait()
+    accepting.cancel()  # stop accepting; open connections stay until drained
+    timeout = daemon.shutdown_drain_s
+    await daemon.drain(config.drain_timeout_s if timeout is None else timeout)
 
 
 async def run_stdio(config: Config) -> None:

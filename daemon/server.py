@@ -97,6 +97,12 @@ class RpcServer:
         self._idle_waiters: list[anyio.Event] = []
         self._conn_waiters: list[anyio.Event] = []
         self.on_request_done: Callable[[RequestContext, str, float], None] | None = None
+        # Called on every request start and end and connection open and close (idle exit).
+        self.on_activity: Callable[[], None] | None = None
+
+    def _activity(self) -> None:
+        if self.on_activity is not None:
+            self.on_activity()
 
     async def wait_idle(self, exclude: RequestContext | None = None) -> None:
         """Return once no request (but `exclude`) is in flight on any connection."""
@@ -116,6 +122,7 @@ class RpcServer:
         writer = _Writer(stream, codec)
         inflight: dict[int | str, RequestContext] = {}
         self.connections += 1
+        self._activity()
         try:
             async with anyio.create_task_group() as tg:
                 end = await self._read_loop(stream, codec, writer, inflight, tg, conn_id)
@@ -132,6 +139,7 @@ class RpcServer:
                 tg.cancel_scope.cancel()  # the peer is gone: cancel what it asked for
         finally:
             self.connections -= 1
+            self._activity()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -300,6 +308,7 @@ class RpcServer:
         outcome = "error"
         started = time.perf_counter()
         self.inflight.add(ctx)
+        self._activity()
         try:
             with ctx.scope:
                 try:
@@ -348,6 +357,7 @@ class RpcServer:
                 self._idle_waiters.clear()
             if self.on_request_done is not None:
                 self.on_request_done(ctx, outcome, (time.perf_counter() - started) * 1000)
+            self._activity()
 
 
 def _hung_up(stream: ByteStream) -> bool:
