@@ -261,7 +261,7 @@ class SystemdManager(_Manager):
         service, sock = self.definition_path, self.socket_definition_path
         texts = {service: render_unit(self.config), sock: render_socket_unit(self.config)}
         previous = {p: p.read_text() if p.exists() else None for p in texts}
-        if previous[service] is not None and "[Install]" in previous[service]:
+        if "[Install]" in (previous[service] or ""):
             # An always-on service before: stop it (it holds the socket path) and unhook it.
             self._systemctl("disable", "--now", self.unit)
         elif any(old is not None and old != texts[p] for p, old in previous.items()):
