@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
@@ -23,7 +24,7 @@ from mlxd import rpc
 from mlxd.client import Client, DaemonNotRunning
 from mlxd.daemon import activation
 from mlxd.daemon.activation import ActivationError, inherited_socket, launchd_sockets
-from mlxd.daemon.idle import parse_duration
+from mlxd.daemon.idle import IdleWatcher, parse_duration
 
 from .daemon_proc import DaemonProcess, RawConnection
 
@@ -142,6 +143,25 @@ def test_durations() -> None:
     for bad in ("", "0", "-1s", "15 minutes", "m"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+@pytest.mark.anyio
+async def test_idle_watcher_waits_while_busy_and_counts_from_the_last_activity(
+    anyio_backend: str,
+) -> None:
+    busy = True
+    watcher = IdleWatcher(0.05, lambda: busy)
+    with anyio.move_on_after(0.3) as scope:
+        await watcher.wait()
+    assert scope.cancelled_caught  # busy the whole time: never idle
+    busy = False
+    watcher.activity()  # the last request ended now
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher.wait)
+        await anyio.sleep(0.03)
+        watcher.activity()  # another one came and went: the clock starts again
+    assert time.monotonic() - started >= 0.08
 
 
 def test_systemd_variables_for_another_process_are_ignored_and_cleared() -> None:
