@@ -21,7 +21,7 @@ import msgspec
 import pytest
 
 from mlxd import rpc
-from mlxd.client import Client, DaemonNotRunning
+from mlxd.client import AsyncClient, Client, DaemonNotRunning
 from mlxd.daemon import activation
 from mlxd.daemon.activation import ActivationError, inherited_socket, launchd_sockets
 from mlxd.daemon.idle import IdleWatcher, parse_duration
@@ -438,6 +438,16 @@ def test_sigterm_during_the_model_load_leaves_queued_requests_to_the_next_start(
 
 
 # --- clients wait for a daemon that is starting -------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_async_client_waits_then_says_the_daemon_did_not_start(
+    anyio_backend: str, folder: Path
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(DaemonNotRunning, match=r"did not start within 0\.3 s"):
+        await AsyncClient.connect(folder / "d.sock", wait=0.3)
+    assert time.monotonic() - started >= 0.3
 
 
 def _mlxd_generate(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
