@@ -17,6 +17,11 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    # A stop while the imports run (seconds, before the drain's signal watcher is up): there
+    # is nothing to save yet, so it is a clean exit, not death by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     import anyio
 
     from .config import Config, parse_bytes

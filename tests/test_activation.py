@@ -407,6 +407,33 @@ def test_sigterm_while_idle_and_with_streams_in_flight(folder: Path, model_cache
         proc.kill()
 
 
+def _catches_sigterm(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@needs_activate
+def test_sigterm_while_the_daemon_is_still_importing_is_a_clean_exit(
+    folder: Path, model_cache: Path
+) -> None:
+    proc = _activated(folder, model_cache)
+    try:
+        conn = RawConnection(proc.socket)  # starts it
+        proc.wait_for("Execing")
+        assert proc.proc is not None
+        deadline = time.monotonic() + 30
+        while not _catches_sigterm(proc.proc.pid):  # the first thing `serve` does
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not proc.events("loading model")  # it was still importing
+        conn.close()
+    finally:
+        proc.kill()
+
+
 @linux_only
 def test_sigterm_during_the_model_load_leaves_queued_requests_to_the_next_start(
     folder: Path, model_cache: Path
