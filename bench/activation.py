@@ -23,10 +23,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Daemon, median
+from bench.resume import conversation
 from mlxd.client import Client
 
 IDLE_EXIT_S = 2.0
-PROMPT = "Tell me about the weather in a far away city, and why it changes so often."
+PROMPT_TOKENS = 2000  # a conversation worth keeping: its prefill is what the disk saves
 MAX_TOKENS = 16
 
 
@@ -90,6 +91,8 @@ def _idle_out(daemon: Activated) -> dict[str, Any]:
     code = daemon.proc.wait(IDLE_EXIT_S + 60)
     pid_alive = os.path.exists(f"/proc/{daemon.proc.pid}")
     saved = daemon.event("sessions persisted").get("saved")
+    if code != 0 or pid_alive:
+        print(f"unclean exit {code}:\n{daemon.describe()}", file=sys.stderr, flush=True)
     return {
         "exit_code": code,
         "exit_after_ms": (time.perf_counter() - t0) * 1000,
@@ -99,14 +102,15 @@ def _idle_out(daemon: Activated) -> dict[str, Any]:
     }
 
 
-def run_once(model: str) -> dict[str, Any]:
+def run_once(model: str, prompt_tokens: int) -> dict[str, Any]:
     daemon = Activated(model)
+    prompt = conversation(prompt_tokens, "on demand")
     try:
-        cold = _turn(daemon.start().socket, PROMPT)
+        cold = _turn(daemon.start().socket, prompt)
         status = cold.pop("status")
         cold |= _spans(daemon, cold.pop("connect_wall"))
         first_exit = _idle_out(daemon)
-        restored = _turn(daemon.start().socket, PROMPT + cold.pop("text") + " And tomorrow?")
+        restored = _turn(daemon.start().socket, prompt + cold.pop("text") + " And tomorrow?")
         restored.pop("text")
         restored.pop("status")
         restored |= _spans(daemon, restored.pop("connect_wall"))
@@ -134,11 +138,12 @@ def _spans(daemon: Activated, connect_wall: float) -> dict[str, float]:
 
 def run(model: str, quick: bool, log: Any = None, runs: int | None = None) -> dict[str, Any]:
     n = runs or (1 if quick else 3)
+    prompt_tokens = 500 if quick else PROMPT_TOKENS
     results = []
     for i in range(n):
         if log:
             log(f"activation run {i + 1}/{n}")
-        results.append(run_once(model))
+        results.append(run_once(model, prompt_tokens))
 
     def med(kind: str, key: str) -> float:
         return median([r[kind][key] for r in results])
@@ -151,6 +156,7 @@ def run(model: str, quick: bool, log: Any = None, runs: int | None = None) -> di
         "runs": n,
         "idle_exit_s": IDLE_EXIT_S,
         "max_tokens": MAX_TOKENS,
+        "prompt_tokens": results[0]["cold"]["prompt_tokens"],
         "cold_first_token_ms": med("cold", "first_token_ms"),
         "cold_load_ms": med("cold", "load_ms"),
         "cold_startup_ms": med("cold", "startup_ms"),
@@ -182,8 +188,10 @@ def section(res: dict[str, Any]) -> list[str]:
         "## On demand (socket activation)",
         "",
         f"`systemd-socket-activate -l SOCK` execs the daemon on the first connection; "
-        f"`--idle-exit {res['idle_exit_s']:g}s`; {res['runs']} run(s), medians. Times run from "
-        "the client's connect() (before any process exists) to its first streamed token.",
+        f"`--idle-exit {res['idle_exit_s']:g}s`; {res['runs']} run(s), medians. A session turn of "
+        f"{res['prompt_tokens']} prompt tokens; after the idle exit the next connection continues "
+        "it. Times run from the client's connect() (before any process exists) to its first "
+        "streamed token.",
         "",
         "| | first token (ms) | interpreter start, imports (ms) | model load (ms) | "
         "daemon TTFT (ms) | cached tokens |",
