@@ -197,6 +197,7 @@ async def run_daemon(
     config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     daemon = Daemon(config)
+    load_error: Exception | None = None
     with _listening_socket(config) as sock:
         try:
             async with anyio.create_task_group() as tg:
@@ -204,10 +205,15 @@ async def run_daemon(
                 # leaving connections that wait in the backlog to the next start.
                 await tg.start(_watch_signals, daemon)
                 log.info("loading model", model=config.model)
-                await daemon.start()
-                if not daemon.shutdown_requested.is_set():
+                try:
+                    await daemon.start()
+                except Exception as exc:  # raised bare below, not in the task group's group
+                    load_error = exc
+                if load_error is None and not daemon.shutdown_requested.is_set():
                     await _serve(daemon, sock, tg, task_status)
                 tg.cancel_scope.cancel()
+            if load_error is not None:
+                raise load_error
         finally:
             with anyio.CancelScope(shield=True):
                 await daemon.close()

@@ -24,7 +24,10 @@ from mlxd import rpc
 from mlxd.client import AsyncClient, Client, DaemonNotRunning
 from mlxd.daemon import activation
 from mlxd.daemon.activation import ActivationError, inherited_socket, launchd_sockets
+from mlxd.daemon.config import Config
 from mlxd.daemon.idle import IdleWatcher, parse_duration
+from mlxd.daemon.lifecycle import run_daemon
+from mlxd.daemon.model import ModelLoadError
 
 from .daemon_proc import DaemonProcess, RawConnection
 
@@ -479,6 +482,16 @@ def test_sigterm_during_the_model_load_leaves_queued_requests_to_the_next_start(
                 conn.close()
             held.close()
     raise AssertionError("SIGTERM never arrived during the model load in 3 tries")
+
+
+def test_a_model_that_fails_to_load_raises_bare_from_run_daemon(folder: Path) -> None:
+    # Signals are watched during the load (in a task group): its error must not come out
+    # wrapped in an ExceptionGroup, or the CLI could not tell the user what went wrong.
+    config = Config(model=str(folder / "missing"), socket=folder / "d.sock")
+    config.state_dir = folder / "state"
+    with pytest.raises(ModelLoadError, match="not found"):
+        anyio.run(run_daemon, config)
+    assert not (folder / "d.sock").exists()
 
 
 # --- clients wait for a daemon that is starting -------------------------------------------
