@@ -58,12 +58,15 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[str] = []
         self.start_s = 0.0  # how long the last start took, until "serving"
+        self.launcher: list[str] = []  # e.g. systemd-socket-activate -l SOCK
+        # start() returns at the first log line this accepts: by default, the daemon serves.
+        self.ready: Callable[[str], bool] = lambda line: _event(line) == "serving"
 
     def start(self, timeout: float = 900.0) -> Daemon:
         env = dict(os.environ, MLXD_CACHE_DIR=str(MODEL_CACHE), PYTHONUNBUFFERED="1")
         env.pop("MLXD_SOCKET", None)
         cmd = [
-            sys.executable, "-m", "mlxd.daemon", "serve", "--model", self.model,
+            *self.launcher, sys.executable, "-m", "mlxd.daemon", "serve", "--model", self.model,
             "--socket", str(self.socket), "--state-dir", str(self.state_dir), *self.args,
         ]  # fmt: skip
         self.lines = []
@@ -79,7 +82,7 @@ class Daemon:
             for raw in proc.stderr:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 self.lines.append(line)
-                if _event(line) == "serving":
+                if self.ready(line):
                     ready.set()
             ready.set()  # the process ended: let start() see it
 

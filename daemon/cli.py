@@ -45,6 +45,9 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
         idle_frame_timeout_s=args.idle_frame_timeout,
         http=http,
         http_cors=args.http_cors,
+        activation_socket=args.activation_socket,
+        idle_exit_s=args.idle_exit,
+        idle_exit_keep_connections=args.idle_exit_keep_connections,
     )
     sizes = {
         "--max-frame-bytes": ("max_frame_bytes", args.max_frame_bytes),
@@ -63,6 +66,11 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    # A stop while the imports run (seconds, before the drain's signal watcher is up): there
+    # is nothing to save yet, so it is a clean exit, not death by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     from .http import AddressError, parse_http_address
 
     try:  # refused before the slow imports: a mistake is told at once
@@ -114,7 +122,7 @@ def _client(args: argparse.Namespace) -> Client:
     from mlxd.client import Client
 
     check_socket_path(args.socket)  # too long: one line from main(), not an OSError
-    return Client(args.socket)
+    return Client(args.socket, wait=getattr(args, "wait", 0.0))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -172,6 +180,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from mlxd.launchd import add_service_commands
+
+    from .idle import add_activation_options
 
     parser: argparse.ArgumentParser = _Parser(
         prog="mlxd", description="A local LLM inference sidecar."
@@ -231,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-cors", metavar="ORIGIN", help="the one browser origin allowed to call the HTTP API"
     )
     serve.add_argument("--log-level", default="info")
+    add_activation_options(serve)
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print the API token the HTTP port requires")
@@ -245,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings")
+    gen.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for a daemon that is starting (default 30)",
+    )
     gen.set_defaults(func=_generate)
 
     status = sub.add_parser("status", help="print the daemon's status as JSON")

@@ -78,6 +78,9 @@ class Config:
     stdio: bool = False
     http: tuple[str, int] | None = None  # --http HOST:PORT: a TCP listener (token required)
     http_cors: str | None = None  # the one browser origin allowed to call the HTTP API
+    activation_socket: str | None = None  # launchd Sockets key / systemd FileDescriptorName
+    idle_exit_s: float | None = None  # exit (sessions saved) after this long with nothing to do
+    idle_exit_keep_connections: bool = False  # an open connection counts as something to do
 
     def validate(self) -> None:
         """Refuse settings the daemon cannot serve with (ConfigError, one clear line): a

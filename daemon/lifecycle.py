@@ -32,7 +32,9 @@ from anyio.abc import (
 
 from mlxd.rpc import check_socket_path
 
+from .activation import inherited_socket
 from .config import Config
+from .idle import IdleWatcher
 from .service import Daemon, State
 
 __all__ = [
@@ -218,12 +220,44 @@ async def _run(daemon: Daemon, serve: Callable[[TaskGroup], Awaitable[None]]) ->
         raise failure
 
 
+def _listening_socket(config: Config) -> contextlib.AbstractContextManager[socket.socket]:
+    """The service manager's socket if it passed one (it owns the path: no lock, no unlink),
+    else our own, created and removed by prepare_socket."""
+    inherited = inherited_socket(config.activation_socket)
+    if inherited is None:
+        return prepare_socket(config.socket)
+    name = inherited.getsockname()
+    if isinstance(name, str) and name:
+        config.socket = Path(name)
+    log.info("socket activated", socket=str(config.socket), fd=inherited.fileno())
+    return contextlib.closing(inherited)
+
+
+async def _exit_when_idle(daemon: Daemon, watcher: IdleWatcher) -> None:
+    await watcher.wait()
+    log.info("idle: exiting", idle_exit_s=watcher.timeout_s)
+    daemon.enter(State.DRAINING)  # from now on a request is refused (retry), not cut short
+    daemon.shutdown_requested.set()
+
+
+def _watch_idle(daemon: Daemon, tg: TaskGroup) -> None:
+    config, server = daemon.config, daemon.server
+    if config.idle_exit_s is None:
+        return
+    keep = config.idle_exit_keep_connections
+    watcher = IdleWatcher(
+        config.idle_exit_s, lambda: bool(server.inflight or (keep and server.connections))
+    )
+    server.on_activity = watcher.activity
+    tg.start_soon(_exit_when_idle, daemon, watcher)
+
+
 async def run_daemon(
     config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     config.validate()
     daemon = Daemon(config)
-    with prepare_socket(config.socket) as sock:
+    with _listening_socket(config) as sock:
 
         async def serve(tg: TaskGroup) -> None:
             # The listener owns a duplicate: prepare_socket closes and unlinks the original.
@@ -236,6 +270,7 @@ async def run_daemon(
             tg.start_soon(serve_connections)
             if config.http:  # a TCP port too; it also stays open while draining
                 tg.start_soon(daemon.http.serve_listener, await daemon.http.listen(), tg)
+            _watch_idle(daemon, tg)
             log.info("serving", socket=str(config.socket), pid=os.getpid())
             task_status.started(config.socket)
 

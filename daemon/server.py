@@ -137,6 +137,12 @@ class RpcServer:
         self.on_request_done: Callable[[RequestContext, str, float], None] | None = None
         # A connection that opens with an HTTP request line is served by this instead.
         self.http: Callable[[ByteStream, bytes, int], Awaitable[None]] | None = None
+        # Called on every request start and end and connection open and close (idle exit).
+        self.on_activity: Callable[[], None] | None = None
+
+    def _activity(self) -> None:
+        if self.on_activity is not None:
+            self.on_activity()
 
     async def wait_idle(self, exclude: RequestContext | None = None) -> None:
         """Return once no request (but `exclude`) is in flight on any connection."""
@@ -156,6 +162,7 @@ class RpcServer:
         writer = _Writer(stream, codec, self.send_timeout_s)
         inflight: dict[int | str, RequestContext] = {}
         self.connections += 1
+        self._activity()
         try:
             async with anyio.create_task_group() as tg:
                 end = await self._read_loop(stream, codec, writer, inflight, tg, conn_id)
@@ -174,6 +181,7 @@ class RpcServer:
                 tg.cancel_scope.cancel()  # the peer is gone: cancel what it asked for
         finally:
             self.connections -= 1
+            self._activity()
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -350,6 +358,7 @@ class RpcServer:
         outcome = "error"
         started = time.perf_counter()
         self.inflight.add(ctx)
+        self._activity()
         try:
             with ctx.scope:
                 try:
@@ -394,6 +403,7 @@ class RpcServer:
                 self._idle_waiters.clear()
             if self.on_request_done is not None:
                 self.on_request_done(ctx, outcome, (time.perf_counter() - started) * 1000)
+            self._activity()
 
 
 def _hung_up(stream: ByteStream) -> bool:

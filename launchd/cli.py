@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlxd.rpc.transport import default_socket_path
 
-from .plist import DEFAULT_LABEL, ServiceConfig, default_python
+from .plist import DEFAULT_IDLE_EXIT_S, DEFAULT_LABEL, ServiceConfig, default_python
 from .service import ServiceError, ServiceManager, manager_for_platform
 
 __all__ = ["add_service_commands"]
@@ -33,6 +33,15 @@ def _errors_to_exit_codes(handler: Handler) -> Handler:
     return wrapper
 
 
+def _idle_exit_s(args: argparse.Namespace) -> float:
+    text = getattr(args, "idle_exit", None)
+    if text is None:
+        return DEFAULT_IDLE_EXIT_S
+    from mlxd.daemon.idle import parse_duration  # the daemon's own reading of it
+
+    return parse_duration(text)
+
+
 def _config(args: argparse.Namespace) -> ServiceConfig:
     extra = ["--model", args.model] if getattr(args, "model", None) else []
     return ServiceConfig(
@@ -42,6 +51,8 @@ def _config(args: argparse.Namespace) -> ServiceConfig:
         socket=Path(getattr(args, "socket", None) or default_socket_path()).expanduser().absolute(),
         drain_timeout_s=getattr(args, "drain_timeout", 20.0),
         extra_args=extra,
+        activation=getattr(args, "activation", True),
+        idle_exit_s=_idle_exit_s(args),
     )
 
 
@@ -56,7 +67,8 @@ def _install(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     mgr.install()
     if not mgr.dry_run:
-        print(f"installed {mgr.definition_path}; the daemon listens on {mgr.config.socket}")
+        how = "starts on the first connection to" if mgr.config.activation else "listens on"
+        print(f"installed {mgr.definition_path}; the daemon {how} {mgr.config.socket}")
     return 0
 
 
@@ -136,6 +148,18 @@ def add_service_commands(subparsers: argparse._SubParsersAction[argparse.Argumen
         default=None,
         metavar="PATH",
         help="interpreter that runs the daemon (default: this one)",
+    )
+    p.add_argument(
+        "--no-activation",
+        dest="activation",
+        action="store_false",
+        help="run always (started at login, kept alive) instead of on the first connection",
+    )
+    p.add_argument(
+        "--idle-exit",
+        default=None,
+        metavar="DURATION",
+        help="on demand: exit after this long with nothing to do, e.g. 15m (the default)",
     )
     p.set_defaults(func=_install)
 

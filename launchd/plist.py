@@ -14,8 +14,10 @@ from typing import Any
 from mlxd.rpc.transport import check_socket_path, default_socket_path
 
 __all__ = [
+    "DEFAULT_IDLE_EXIT_S",
     "DEFAULT_LABEL",
     "EXIT_MARGIN_S",
+    "SOCKET_NAME",
     "ServiceConfig",
     "build_plist",
     "default_python",
@@ -29,6 +31,10 @@ DEFAULT_LABEL = "dev.mlxd.daemon"
 # socket; launchd (ExitTimeOut) and systemd (TimeoutStopSec) SIGKILL after the total.
 EXIT_MARGIN_S = 15
 THROTTLE_INTERVAL_S = 10
+# The plist's Sockets key (and the systemd socket's FileDescriptorName) the daemon asks for.
+SOCKET_NAME = "Listener"
+DEFAULT_IDLE_EXIT_S = 15 * 60.0  # on demand: the model's memory comes back after a quiet spell
+SOCKET_MODE = 0o600
 # launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin; Homebrew lives elsewhere.
 BASE_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 # The label names a file (<label>.plist, <label>.service): no slashes, no spaces.
@@ -59,6 +65,10 @@ class ServiceConfig:
     log_dir: Path = field(default_factory=_default_log_dir)
     env: dict[str, str] = field(default_factory=dict)
     working_dir: Path | None = None
+    # On demand: the service manager owns the socket and starts the daemon on the first
+    # connection; the daemon exits (sessions saved) after `idle_exit`. False: always on.
+    activation: bool = True
+    idle_exit_s: float = DEFAULT_IDLE_EXIT_S
 
     def __post_init__(self) -> None:
         self.socket = Path(self.socket)
@@ -73,10 +83,15 @@ class ServiceConfig:
         check_socket_path(self.socket)
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s > 0):
             raise ValueError(f"drain timeout must be a positive number, got {self.drain_timeout_s}")
+        if not (math.isfinite(self.idle_exit_s) and self.idle_exit_s > 0):
+            raise ValueError(f"idle exit must be a positive number, got {self.idle_exit_s}")
         for name in self.env:
             if not _ENV_NAME_RE.fullmatch(name):
                 raise ValueError(f"environment variable name {name!r} is not valid")
-        for reserved in ("--socket", "--drain-timeout"):
+        reserved_args = ["--socket", "--drain-timeout"]
+        if self.activation:
+            reserved_args += ["--idle-exit", "--activation-socket"]
+        for reserved in reserved_args:
             if any(a == reserved or a.startswith(reserved + "=") for a in self.extra_args):
                 raise ValueError(f"{reserved} is set from the config, not from extra_args")
 
@@ -84,6 +99,10 @@ class ServiceConfig:
 def exit_timeout_s(cfg: ServiceConfig) -> int:
     """Seconds the service manager waits after SIGTERM: the drain plus time to persist."""
     return math.ceil(cfg.drain_timeout_s) + EXIT_MARGIN_S
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds % 60 == 0 else f"{seconds:g}s"
 
 
 def program_arguments(cfg: ServiceConfig) -> list[str]:
@@ -97,6 +116,11 @@ def program_arguments(cfg: ServiceConfig) -> list[str]:
         str(cfg.socket),
         "--drain-timeout",
         f"{cfg.drain_timeout_s:g}",
+        *(
+            ["--activation-socket", SOCKET_NAME, "--idle-exit", _duration(cfg.idle_exit_s)]
+            if cfg.activation
+            else []
+        ),
         *cfg.extra_args,
     ]
 
@@ -113,9 +137,6 @@ def build_plist(cfg: ServiceConfig) -> dict[str, Any]:
     plist: dict[str, Any] = {
         "Label": cfg.label,
         "ProgramArguments": program_arguments(cfg),
-        "RunAtLoad": True,
-        # Restart after a crash, but a clean exit (drained after SIGTERM) stays down.
-        "KeepAlive": {"SuccessfulExit": False},
         "ThrottleInterval": THROTTLE_INTERVAL_S,
         "ExitTimeOut": exit_timeout_s(cfg),
         # Not "Background": App Nap and throttled I/O would slow every token.
@@ -124,6 +145,20 @@ def build_plist(cfg: ServiceConfig) -> dict[str, Any]:
         "StandardOutPath": str(cfg.log_dir / "mlxd.out.log"),
         "StandardErrorPath": str(cfg.log_dir / "mlxd.err.log"),
     }
+    if cfg.activation:
+        # launchd binds the socket and starts the job on the first connection; no KeepAlive,
+        # no RunAtLoad: after an idle exit it stays down until someone connects again.
+        plist["Sockets"] = {
+            SOCKET_NAME: {
+                "SockPathName": str(cfg.socket),
+                "SockPathMode": SOCKET_MODE,  # an integer: plists have no octal
+                "SockType": "stream",
+            }
+        }
+    else:
+        plist["RunAtLoad"] = True
+        # Restart after a crash, but a clean exit (drained after SIGTERM) stays down.
+        plist["KeepAlive"] = {"SuccessfulExit": False}
     if cfg.working_dir is not None:
         plist["WorkingDirectory"] = str(cfg.working_dir)
     return plist

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from .plist import ServiceConfig, exit_timeout_s, render_plist
-from .systemd import render_unit, unit_name
+from .systemd import render_socket_unit, render_unit, socket_unit_name, unit_name
 
 __all__ = [
     "LaunchdManager",
@@ -138,11 +138,11 @@ class _Manager:
             return
         path.unlink(missing_ok=True)
 
-    def _mkdir(self, path: Path) -> None:
+    def _mkdir(self, path: Path, mode: int = 0o777) -> None:
         if self.dry_run:
             print(f"would create folder {path}", file=self.out)
             return
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
 
 
 def _not_loaded(proc: subprocess.CompletedProcess[str]) -> bool:
@@ -185,6 +185,8 @@ class LaunchdManager(_Manager):
     def install(self) -> None:
         """Write the plist, then reload it: bootout (if loaded) and bootstrap."""
         self._mkdir(self.config.log_dir)  # launchd does not create the log folder
+        if self.config.activation:  # nor the folder of a Sockets path
+            self._mkdir(self.config.socket.parent, 0o700)
         self._write(self.definition_path, render_plist(self.config))
         # bootstrap fails on an already-loaded label, so unload first: re-install restarts
         # the daemon with the new plist and it stays loaded exactly once.
@@ -243,11 +245,40 @@ class SystemdManager(_Manager):
     def definition_path(self) -> Path:
         return self.unit_dir / self.unit
 
+    @property
+    def socket_unit(self) -> str:
+        return socket_unit_name(self.unit)
+
+    @property
+    def socket_definition_path(self) -> Path:
+        return self.unit_dir / self.socket_unit
+
     def install(self) -> None:
-        """Write the unit, reload systemd, enable and start it; restart it if the unit changed."""
+        """Write the unit(s), reload systemd, enable and start; restart what changed."""
+        if not self.config.activation:
+            self._install_always_on()
+            return
+        service, sock = self.definition_path, self.socket_definition_path
+        texts = {service: render_unit(self.config), sock: render_socket_unit(self.config)}
+        previous = {p: p.read_text() if p.exists() else None for p in texts}
+        if "[Install]" in (previous[service] or ""):
+            # An always-on service before: stop it (it holds the socket path) and unhook it.
+            self._systemctl("disable", "--now", self.unit)
+        elif any(old is not None and old != texts[p] for p, old in previous.items()):
+            self._systemctl("stop", self.unit, self.socket_unit)  # rebound below
+        for path, text in texts.items():
+            self._write(path, text.encode())
+        self._systemctl("daemon-reload")
+        self._systemctl("enable", "--now", self.socket_unit)
+
+    def _install_always_on(self) -> None:
         text = render_unit(self.config)
         path = self.definition_path
         previous = path.read_text() if path.exists() else None
+        if self.socket_definition_path.exists():  # on demand before: its socket goes
+            self._systemctl("disable", "--now", self.socket_unit)
+            self._systemctl("stop", self.unit)
+            self._remove(self.socket_definition_path)
         self._write(path, text.encode())
         self._systemctl("daemon-reload")
         self._systemctl("enable", "--now", self.unit)
@@ -256,10 +287,15 @@ class SystemdManager(_Manager):
             self._systemctl("try-restart", self.unit)
 
     def uninstall(self) -> None:
-        """Stop and disable the unit, remove it, reload systemd; nothing to do if absent."""
-        if not self.definition_path.exists():
+        """Stop and disable the unit(s), remove them, reload systemd; nothing to do if absent."""
+        if self.socket_definition_path.exists():
+            self._systemctl("disable", "--now", self.socket_unit)
+            self._systemctl("stop", self.unit)
+            self._remove(self.socket_definition_path)
+        elif self.definition_path.exists():
+            self._systemctl("disable", "--now", self.unit)
+        else:
             return
-        self._systemctl("disable", "--now", self.unit)
         self._remove(self.definition_path)
         self._systemctl("daemon-reload")
 

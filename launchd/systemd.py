@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .plist import (
     DEFAULT_LABEL,
+    SOCKET_MODE,
+    SOCKET_NAME,
     THROTTLE_INTERVAL_S,
     ServiceConfig,
     exit_timeout_s,
@@ -15,7 +17,9 @@ __all__ = [
     "exec_line",
     "quote_env_assignment",
     "quote_exec_arg",
+    "render_socket_unit",
     "render_unit",
+    "socket_unit_name",
     "unit_name",
 ]
 
@@ -41,6 +45,11 @@ _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 def unit_name(label: str) -> str:
     """mlxd.service for the default label, else <label>.service (so instances can coexist)."""
     return DEFAULT_UNIT_NAME if label == DEFAULT_LABEL else f"{label}.service"
+
+
+def socket_unit_name(service: str) -> str:
+    """mlxd.socket for mlxd.service: the same name, so the socket activates that service."""
+    return service.removesuffix(".service") + ".socket"
 
 
 def _escape_char(c: str) -> str:
@@ -82,11 +91,14 @@ def quote_env_assignment(name: str, value: str) -> str:
 
 
 def render_unit(cfg: ServiceConfig) -> str:
-    """The unit file text for ~/.config/systemd/user/<unit>."""
+    """The service unit text for ~/.config/systemd/user/<unit>."""
     env = {"MLXD_SOCKET": str(cfg.socket), **cfg.env}
-    lines = [
-        "[Unit]",
-        "Description=mlxd local LLM inference daemon",
+    lines = ["[Unit]", "Description=mlxd local LLM inference daemon"]
+    if cfg.activation:
+        # Started by its socket on the first connection; never on its own, so no [Install].
+        socket_unit = socket_unit_name(unit_name(cfg.label))
+        lines += [f"Requires={socket_unit}", f"After={socket_unit}"]
+    lines += [
         "",
         "[Service]",
         "Type=simple",
@@ -103,8 +115,34 @@ def render_unit(cfg: ServiceConfig) -> str:
         # SIGTERM starts the drain; SIGKILL only after the drain plus time to persist sessions.
         f"TimeoutStopSec={exit_timeout_s(cfg)}",
         "",
-        "[Install]",
-        "WantedBy=default.target",
-        "",
     ]
+    if not cfg.activation:
+        lines += ["[Install]", "WantedBy=default.target", ""]
     return "\n".join(lines)
+
+
+def render_socket_unit(cfg: ServiceConfig) -> str:
+    """The socket unit that owns the daemon's socket and starts it on the first connection."""
+    path = str(cfg.socket)
+    if any(c in path for c in "\n\r\\") or path != path.strip():
+        raise ValueError(
+            f"systemd cannot listen on {path!r}: no newlines, backslashes or edge spaces"
+        )
+    return "\n".join(
+        [
+            "[Unit]",
+            "Description=mlxd socket: starts the daemon on the first connection",
+            "",
+            "[Socket]",
+            # ListenStream= takes the rest of the line as the path; only specifiers expand.
+            f"ListenStream={path.replace('%', '%%')}",
+            f"SocketMode={SOCKET_MODE:04o}",
+            "DirectoryMode=0700",
+            f"FileDescriptorName={SOCKET_NAME}",
+            f"Service={unit_name(cfg.label)}",
+            "",
+            "[Install]",
+            "WantedBy=sockets.target",
+            "",
+        ]
+    )

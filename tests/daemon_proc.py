@@ -66,8 +66,12 @@ class DaemonProcess:
         backend: str = "asyncio",
         state_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.extra_env = env or {}
+        self.launcher = launcher or []  # e.g. systemd-socket-activate and its options
+        self.pass_fds = pass_fds
         self.folder = folder
         self.socket = folder / "d.sock"
         self.state_dir = state_dir or folder / "state"
@@ -83,21 +87,28 @@ class DaemonProcess:
         self._reader: threading.Thread | None = None
         self._until = '"serving"'
 
-    def start(self, timeout: float = 120.0, until: str = '"serving"') -> DaemonProcess:
-        """Spawn the daemon and wait for a log line containing `until` (it serves)."""
-        self._until = until
+    def spawn(self) -> DaemonProcess:
+        """Start the process without waiting for it to serve (an activated one serves later)."""
         env = dict(os.environ, MLXD_CACHE_DIR=str(self.cache_dir), PYTHONUNBUFFERED="1")
         env.update(self.extra_env)
         env.pop("MLXD_SOCKET", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxd.daemon", "serve", *self.args],
+            [*self.launcher, sys.executable, "-m", "mlxd.daemon", "serve", *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
+            pass_fds=self.pass_fds,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        return self
+
+    def start(self, timeout: float = 120.0, until: str = '"serving"') -> DaemonProcess:
+        """Spawn the daemon and wait for a log line containing `until` (it serves)."""
+        self._until = until
+        self.spawn()
+        assert self.proc is not None
         serving = self._ready.wait(timeout) and any(until in x for x in self.lines)
         if not serving or self.proc.poll() is not None:
             self.kill()

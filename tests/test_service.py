@@ -29,7 +29,7 @@ from mlxd.launchd import (
     render_plist,
     render_unit,
 )
-from mlxd.launchd.systemd import exec_line, quote_env_assignment, quote_exec_arg
+from mlxd.launchd.systemd import exec_line, quote_env_assignment, quote_exec_arg, render_socket_unit
 
 LABEL = "dev.mlxd.daemon"
 UID = 501
@@ -145,6 +145,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
 
 
 def make_config(**kw: object) -> ServiceConfig:
+    # The always-on service; the on-demand one (the default) has its own tests below.
+    kw.setdefault("activation", False)
     kw.setdefault("socket", SOCKET)
     kw.setdefault("extra_args", ["--model", "builtin:small"])
     return ServiceConfig(**kw)
@@ -515,6 +517,93 @@ def test_manager_for_platform() -> None:
         manager_for_platform(cfg, "win32")
 
 
+# --- on demand: the service manager owns the socket ----------------------------------
+
+
+def test_on_demand_plist_has_sockets_and_no_keepalive(tmp_path: Path, fake: FakeTools) -> None:
+    sock = tmp_path / "run" / "mlxd.sock"
+    cfg = make_config(activation=True, socket=sock)
+    mgr = manager_for_platform(cfg, "launchd")  # forced on Linux too
+    assert isinstance(mgr, LaunchdManager)
+    mgr.agents_dir = tmp_path / "LaunchAgents"
+    mgr.install()
+    data = plistlib.loads(mgr.definition_path.read_bytes())
+    assert data == build_plist(mgr.config)
+    assert data["Sockets"] == {
+        "Listener": {"SockPathName": str(sock), "SockPathMode": 0o600, "SockType": "stream"}
+    }
+    assert type(data["Sockets"]["Listener"]["SockPathMode"]) is int  # 384, not "0600"
+    assert "KeepAlive" not in data and "RunAtLoad" not in data
+    args = data["ProgramArguments"]
+    assert args[args.index("--activation-socket") + 1] == "Listener"  # the Sockets key
+    assert args[args.index("--idle-exit") + 1] == "15m"
+    assert args[args.index("--socket") + 1] == str(sock)
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700  # launchd binds into it
+    assert fake.calls()[-1] == [
+        "launchctl",
+        "bootstrap",
+        f"gui/{os.getuid()}",
+        str(mgr.definition_path),
+    ]
+
+
+def test_on_demand_units() -> None:
+    cfg = make_config(activation=True, idle_exit_s=120)
+    service, sock = render_unit(cfg).splitlines(), render_socket_unit(cfg).splitlines()
+    assert "[Install]" not in service  # started by its socket, never by itself
+    assert {"Requires=mlxd.socket", "After=mlxd.socket", "Restart=on-failure"} <= set(service)
+    exec_start = next(x for x in service if x.startswith("ExecStart="))
+    assert systemd_split(exec_start.removeprefix("ExecStart=")) == program_arguments(cfg)
+    assert program_arguments(cfg)[-4:-2] == ["--idle-exit", "2m"]
+    assert {
+        f"ListenStream={SOCKET}",
+        "SocketMode=0600",
+        "DirectoryMode=0700",
+        "FileDescriptorName=Listener",
+        "Service=mlxd.service",
+        "WantedBy=sockets.target",
+    } <= set(sock)
+    with pytest.raises(ValueError, match="positive"):
+        make_config(activation=True, idle_exit_s=0)
+    with pytest.raises(ValueError, match="--idle-exit"):
+        make_config(activation=True, extra_args=["--idle-exit", "1m"])
+
+
+def test_systemd_on_demand_install_switches_and_back(tmp_path: Path, fake: FakeTools) -> None:
+    on_demand = make_config(activation=True)
+    systemd(tmp_path).install()  # always on first
+    fake.clear()
+    mgr = systemd(tmp_path, on_demand)
+    mgr.install()
+    assert mgr.socket_definition_path == tmp_path / "units" / "mlxd.socket"
+    assert mgr.socket_definition_path.read_text() == render_socket_unit(on_demand)
+    assert mgr.definition_path.read_text() == render_unit(on_demand)
+    assert fake.calls() == [
+        [*SYSTEMCTL, "disable", "--now", "mlxd.service"],  # it held the socket path
+        [*SYSTEMCTL, "daemon-reload"],
+        [*SYSTEMCTL, "enable", "--now", "mlxd.socket"],
+    ]
+    fake.clear()
+    mgr.install()  # unchanged: nothing stopped
+    assert fake.calls() == [
+        [*SYSTEMCTL, "daemon-reload"],
+        [*SYSTEMCTL, "enable", "--now", "mlxd.socket"],
+    ]
+    fake.clear()
+    systemd(tmp_path, make_config(activation=True, idle_exit_s=60)).install()
+    assert fake.calls()[0] == [*SYSTEMCTL, "stop", "mlxd.service", "mlxd.socket"]
+    fake.clear()
+    systemd(tmp_path).install()  # --no-activation again
+    assert not mgr.socket_definition_path.exists()
+    assert fake.calls() == [
+        [*SYSTEMCTL, "disable", "--now", "mlxd.socket"],
+        [*SYSTEMCTL, "stop", "mlxd.service"],
+        [*SYSTEMCTL, "daemon-reload"],
+        [*SYSTEMCTL, "enable", "--now", "mlxd.service"],
+        [*SYSTEMCTL, "try-restart", "mlxd.service"],
+    ]
+
+
 # --- the systemd unit and its quoting --------------------------------------------------
 
 _C_UNESCAPES = {
@@ -667,7 +756,10 @@ def _shell_words(line: str) -> list[str]:
     shutil.which("systemd-analyze") is None,
     reason="systemd-analyze not installed (Debian package: systemd)",
 )
-def test_systemd_analyze_verifies_the_unit_and_reads_the_same_argv(tmp_path: Path) -> None:
+@pytest.mark.parametrize("activation", [False, True], ids=["always-on", "on-demand"])
+def test_systemd_analyze_verifies_the_unit_and_reads_the_same_argv(
+    tmp_path: Path, activation: bool
+) -> None:
     # A python path with a space, through a symlink to the real interpreter, so systemd's
     # check that the executable exists passes.
     pydir = tmp_path / "my env"
@@ -681,15 +773,21 @@ def test_systemd_analyze_verifies_the_unit_and_reads_the_same_argv(tmp_path: Pat
         python=str(pydir / "python"),
         socket=Path("/tmp/a b/100%/$x.sock"),
         extra_args=["--model", "builtin:small", *printable, *randoms],
+        activation=activation,
     )
     unit = tmp_path / "units" / "mlxd.service"
     unit.parent.mkdir()
     unit.write_text(render_unit(cfg))
+    units = [str(unit)]
+    if activation:  # the socket unit first: it is what the user enables
+        socket_unit = tmp_path / "units" / "mlxd.socket"
+        socket_unit.write_text(render_socket_unit(cfg))
+        units.insert(0, str(socket_unit))
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_LEVEL": "debug"}
     proc = subprocess.run(
-        ["systemd-analyze", "verify", "--user", str(unit)],
+        ["systemd-analyze", "verify", "--user", *units],
         capture_output=True,
         text=True,
         env=env,
@@ -697,13 +795,19 @@ def test_systemd_analyze_verifies_the_unit_and_reads_the_same_argv(tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # verify exits 0 even on parse warnings; those name the file and line.
-    assert f"{unit}:" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    for path in units:
+        assert f"{path}:" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     dump = (proc.stdout + proc.stderr).splitlines()
     command = next(x.strip() for x in dump if x.strip().startswith("Command Line:"))
     # The dump shows argv before exec-time expansion, where $$ still stands for one $.
     expected = [a.replace("$", "$$") for a in program_arguments(cfg)]
     assert _shell_words(command.removeprefix("Command Line: ")) == expected
     assert f"Environment: MLXD_SOCKET={cfg.socket}" in [x.strip() for x in dump]
+    if activation:
+        stripped = [x.strip() for x in dump]
+        assert f"ListenStream: {cfg.socket}" in stripped  # %% read back as one %
+        assert "SocketMode: 0600" in stripped
+        assert "Triggers: mlxd.service (origin-implicit)" in stripped
 
 
 # --- the CLI ---------------------------------------------------------------------------
@@ -748,16 +852,25 @@ def test_cli_install_dry_run(
         "/tmp/m/s.sock",
         "--drain-timeout",
         "30",
+        "--activation-socket",
+        "Listener",
+        "--idle-exit",
+        "15m",
         "--model",
         "builtin:small",
     ]
+    assert data["Sockets"]["Listener"]["SockPathName"] == "/tmp/m/s.sock"
+    assert "KeepAlive" not in data and "RunAtLoad" not in data
     assert f"would run: launchctl bootout gui/{os.getuid()}/dev.mlxd.x" in out
 
 
 def test_cli_systemd_actions(
     sandbox_home: Path, fake: FakeTools, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli("install", "--platform", "systemd", "--socket", "/tmp/m/s.sock") == 0
+    assert (
+        run_cli("install", "--platform", "systemd", "--socket", "/tmp/m/s.sock", "--no-activation")
+        == 0
+    )
     unit = sandbox_home / ".config" / "systemd" / "user" / "mlxd.service"
     assert "--socket /tmp/m/s.sock" in unit.read_text()
     assert run_cli("restart", "--platform", "systemd") == 0
@@ -776,6 +889,28 @@ def test_cli_systemd_actions(
         "daemon-reload",
     ]
     assert "not running" in capsys.readouterr().out
+
+
+def test_cli_on_demand_systemd_install_and_uninstall(
+    sandbox_home: Path, fake: FakeTools, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["install", "--platform", "systemd", "--socket", "/tmp/m/s.sock", "--idle-exit", "90s"]
+    assert run_cli(*argv) == 0
+    units = sandbox_home / ".config" / "systemd" / "user"
+    assert "--idle-exit 90s" in (units / "mlxd.service").read_text()
+    assert "ListenStream=/tmp/m/s.sock" in (units / "mlxd.socket").read_text()
+    assert "starts on the first connection" in capsys.readouterr().out
+    assert run_cli("uninstall", "--platform", "systemd") == 0
+    assert sorted(os.listdir(units)) == []
+    assert fake.calls() == [
+        [*SYSTEMCTL, "daemon-reload"],
+        [*SYSTEMCTL, "enable", "--now", "mlxd.socket"],
+        [*SYSTEMCTL, "disable", "--now", "mlxd.socket"],
+        [*SYSTEMCTL, "stop", "mlxd.service"],
+        [*SYSTEMCTL, "daemon-reload"],
+    ]
+    assert run_cli("install", "--platform", "systemd", "--idle-exit", "soon") == 2
+    assert "not a duration" in capsys.readouterr().err
 
 
 def test_cli_errors_become_exit_codes(fake: FakeTools, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeAlias, TypedDict
 
 import msgspec
@@ -34,6 +35,7 @@ __all__ = [
     "ChatInput",
     "Sampling",
     "client_info",
+    "connect_retries",
     "delta_of",
     "generate_params",
     "result_of",
@@ -67,6 +69,19 @@ _any_decoder = msgspec.json.Decoder()
 
 def socket_path(path: str | os.PathLike[str] | None) -> str:
     return check_socket_path(default_socket_path() if path is None else path)
+
+
+def connect_retries(wait_s: float) -> Iterator[float]:
+    """Pauses between connection attempts to a daemon that is starting, until `wait_s` is up.
+
+    Under socket activation the socket exists and connecting just waits in its backlog;
+    without it, the path appears (ENOENT before) once the daemon has bound it.
+    """
+    deadline = time.monotonic() + wait_s
+    pause = 0.02
+    while (remaining := deadline - time.monotonic()) > 0:
+        yield min(pause, remaining)
+        pause = min(pause * 2, 0.25)
 
 
 def client_info() -> ClientInfo:

@@ -57,6 +57,7 @@ from ._common import (
     ChatInput,
     Sampling,
     client_info,
+    connect_retries,
     delta_of,
     generate_params,
     result_of,
@@ -139,8 +140,10 @@ class AsyncClient:
         framing: Framing = Framing.NDJSON,
         *,
         max_buffered_deltas: int = DEFAULT_MAX_BUFFERED_DELTAS,
+        wait: float = 0.0,
     ) -> None:
         self.path = socket_path(path)
+        self.wait = wait  # seconds to retry connecting while the daemon starts
         self.framing = framing
         self._conn = Connection(framing)
         self._max_buffered = max_buffered_deltas
@@ -164,8 +167,9 @@ class AsyncClient:
         *,
         max_buffered_deltas: int = DEFAULT_MAX_BUFFERED_DELTAS,
         task_group: TaskGroup | None = None,
+        wait: float = 0.0,
     ) -> AsyncClient:
-        client = cls(path, framing, max_buffered_deltas=max_buffered_deltas)
+        client = cls(path, framing, max_buffered_deltas=max_buffered_deltas, wait=wait)
         await client._open(task_group)
         client._exit_on_aclose = task_group is None
         return client
@@ -200,10 +204,15 @@ class AsyncClient:
     async def _open(self, task_group: TaskGroup | None) -> None:
         if self._stream is not None:
             raise RuntimeError("this AsyncClient is already connected")
-        try:
-            self._stream = await anyio.connect_unix(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonNotRunning(self.path) from exc
+        pauses = connect_retries(self.wait)
+        while self._stream is None:
+            try:
+                self._stream = await anyio.connect_unix(self.path)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                pause = next(pauses, None)
+                if pause is None:
+                    raise DaemonNotRunning(self.path, self.wait) from exc
+                await anyio.sleep(pause)
         self._send_lock = anyio.Lock()
         if task_group is None:
             task_group = anyio.create_task_group()

@@ -154,8 +154,12 @@ def error_from_object(error: ErrorObject) -> RpcError:
 class DaemonNotRunning(ConnectionError):
     """Nothing listens on the socket path."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__(f"mlxd is not running at {path}; start it with `mlxd serve`")
+    def __init__(self, path: str, waited_s: float = 0.0) -> None:
+        if waited_s > 0:
+            message = f"mlxd did not start within {waited_s:g} s at {path}"
+        else:
+            message = f"mlxd is not running at {path}; start it with `mlxd serve`"
+        super().__init__(message)
         self.path = path
 
 

@@ -7,6 +7,7 @@ import itertools
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from ._common import (
     ChatInput,
     Sampling,
     client_info,
+    connect_retries,
     delta_of,
     generate_params,
     result_of,
@@ -79,7 +81,8 @@ class Client:
     One call at a time: methods wait for their reply and must not be called concurrently
     from several threads. `cancel()` is the exception: another thread may call it to
     cancel a request this one is waiting on. Notifications and late replies for other
-    request ids are skipped. `timeout` (seconds) applies to each socket operation.
+    request ids are skipped. `timeout` (seconds) applies to each socket operation; `wait`
+    (seconds) retries connecting while the daemon starts (not running yet: DaemonNotRunning).
     """
 
     def __init__(
@@ -87,25 +90,35 @@ class Client:
         path: str | os.PathLike[str] | None = None,
         framing: Framing = Framing.NDJSON,
         timeout: float | None = None,
+        wait: float = 0.0,
     ) -> None:
         self.path = socket_path(path)
         self._conn = Connection(framing)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            self._sock.close()
-            raise DaemonNotRunning(self.path) from exc
-        except BaseException:
-            self._sock.close()
-            raise
+        self._sock = self._connect(timeout, wait)
         self._ids = itertools.count(1)
         self._inbox: deque[Message] = deque()
         self._send_lock = threading.Lock()
         self._reading = False
         self._open_stream: _StreamState | None = None
         self._closed_reason: str | None = None
+
+    def _connect(self, timeout: float | None, wait: float) -> socket.socket:
+        pauses = connect_retries(wait)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(self.path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                pause = next(pauses, None)
+                if pause is None:
+                    raise DaemonNotRunning(self.path, wait) from exc
+                time.sleep(pause)
+            except BaseException:
+                sock.close()
+                raise
 
     # -- lifecycle ---------------------------------------------------------------------
 
