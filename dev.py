@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run mlxd from a checkout, needing only Python 3.11+ and pip.
 
-    python3 dev.py serve [mlxd serve options]   # serve the built-in model on the default socket
+    python3 dev.py serve [mlxd serve options]   # serve SmolLM2-135M-Instruct on the default socket
     python3 dev.py test [pytest options]        # run the test suite
     python3 dev.py lint                         # ruff and mypy
     python3 dev.py bench [bench options]        # the benchmarks (bench/README.md)
