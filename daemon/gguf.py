@@ -149,7 +149,7 @@ def read_header(path: Path) -> dict[str, Any]:
             return _parse_header(f, size, path)
     except OSError as e:
         raise GGUFError(f"cannot read {path}: {e}") from e
-    except (struct.error, UnicodeDecodeError, MemoryError, OverflowError) as e:
+    except (struct.error, UnicodeDecodeError, OverflowError) as e:
         raise GGUFError(f"{path} is not a valid GGUF file (damaged header: {e})") from e
 
 
@@ -196,6 +196,8 @@ def _parse_header(f: BinaryIO, size: int, path: Path) -> dict[str, Any]:
 
 
 def _read(f: BinaryIO, n: int) -> bytes:
+    if n > _CHUNK and n > os.fstat(f.fileno()).st_size:  # a damaged length: do not allocate it
+        raise GGUFError(f"{getattr(f, 'name', 'file')} is truncated or damaged (a length of {n})")
     data = f.read(n)
     if len(data) != n:
         raise GGUFError(f"{getattr(f, 'name', 'file')} is truncated (header cut short)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 import mlxd.daemon  # noqa: F401  (loads OpenBLAS before mlx.core)
@@ -221,3 +224,34 @@ def test_end_of_turn_ids_join_the_eos_set(tmp_path: Path) -> None:
     folder = import_gguf(path, tmp_path / "cache")
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == [2, 0]
     assert mlx_lm.load(str(folder))[1].eos_token_ids == {0, 2}
+
+
+def test_a_damaged_length_in_the_header_is_an_error_not_an_allocation(tmp_path: Path) -> None:
+    import struct
+
+    path = tmp_path / "damaged.gguf"
+    # One metadata key whose length claims 2**40 bytes.
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**40) + b"k" * 64)
+    with pytest.raises(GGUFError, match="truncated or damaged"):
+        read_header(path)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cut=st.integers(min_value=0, max_value=4000), flips=st.lists(st.integers(0, 3999), max_size=4)
+)
+def test_damaged_headers_raise_gguf_errors_only(tmp_path: Path, cut: int, flips: list[int]) -> None:
+    # The cuts and flips land in the header (metadata, token list, tensor infos) and beyond.
+    source = tmp_path / "src.gguf"
+    if not source.exists():
+        G.tiny_llama_gguf(source)
+    data = bytearray(source.read_bytes()[: max(cut, 4)])
+    for i in flips:
+        if i < len(data):
+            data[i] ^= 0xFF
+    path = tmp_path / "fuzz.gguf"
+    path.write_bytes(bytes(data))
+    with contextlib.suppress(GGUFError):  # anything else fails the test
+        read_header(path)
