@@ -243,7 +243,7 @@ def test_a_damaged_length_in_the_header_is_an_error_not_an_allocation(tmp_path: 
     cut=st.integers(min_value=0, max_value=4000), flips=st.lists(st.integers(0, 3999), max_size=4)
 )
 def test_damaged_headers_raise_gguf_errors_only(tmp_path: Path, cut: int, flips: list[int]) -> None:
-    # The cuts and flips land in the header (metadata, token list, tensor infos) and beyond.
+    # The header is the first ~6 KB (metadata, token list, tensor infos); cuts land on both sides.
     source = tmp_path / "src.gguf"
     if not source.exists():
         G.tiny_llama_gguf(source)
