@@ -72,7 +72,7 @@ class LoadedModel:
     num_layers: int
     kv_heads: int
     head_dim: int
-    weights: str = "native"  # "native": the file's quantization kept; "float32": dequantized
+    weights: str = "native"  # the mode applied: "native" keeps quantized weights, "float32" not
 
     @property
     def kv_bytes_per_token(self) -> int:
