@@ -29,6 +29,7 @@ __all__ = [
     "ModelLoadError",
     "fingerprint",
     "load_model",
+    "resolve_folder",
     "resolve_weights",
 ]
 
@@ -95,7 +96,7 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto") -> LoadedModel
     """Load "builtin:NAME", a GGUF file, a model folder, or a hub id; weights are in memory
     on return, quantized as stored ("native") or dequantized ("float32")."""
     mode = resolve_weights(weights)
-    folder = _resolve(spec, cache_dir)
+    folder = resolve_folder(spec, cache_dir)
     fp = fingerprint(folder, memo_file=cache_dir / "fingerprints.json")
     try:
         # Lazy, so a float16 checkpoint is cast before it is ever materialised.
@@ -171,7 +172,8 @@ def fingerprint(folder: Path, memo_file: Path | None = None) -> str:
     return digest
 
 
-def _resolve(spec: str, cache_dir: Path) -> Path:
+def resolve_folder(spec: str, cache_dir: Path) -> Path:
+    """The mlx-lm folder of a model spec: generated, imported or fetched first if need be."""
     if spec == f"{BUILTIN_PREFIX}smollm2":
         gguf = smollm2_gguf()
         if gguf is None:
