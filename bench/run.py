@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import activation, agents, latency, memory, mlx_server, resume, soak, throughput
+from bench import activation, agents, latency, memory, mlx_server, resume, soak, throughput, weights
 from bench.common import MODEL_CACHE, loadavg, machine
 
 SUITES: dict[str, Any] = {
@@ -33,6 +33,7 @@ SUITES: dict[str, Any] = {
     "memory": memory.run,
     "soak": soak.run,
     "activation": activation.run,
+    "weights": weights.run,
 }
 # Suites whose report section, headline rows and plot live in their own module.
 MODULES: dict[str, Any] = {
@@ -41,6 +42,7 @@ MODULES: dict[str, Any] = {
     "memory": memory,
     "soak": soak,
     "activation": activation,
+    "weights": weights,
 }
 
 # latency is slow (minutes even with --quick) and has no targets: run it by name; soak

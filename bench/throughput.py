@@ -150,7 +150,8 @@ def _through_daemon(socket: Path, n: int, max_tokens: int, texts: list[str]) -> 
         "tokens": tokens,
         "wall_s": wall,
         "tps": tokens / wall,
-        "ids": [list(r.tokens) for r in results],
+        # Without the end-of-sequence token, which batch_generate leaves out of its ids.
+        "ids": [list(r.tokens[:-1] if r.finish_reason == "stop" else r.tokens) for r in results],
         "stopped_early": sum(r.finish_reason == "stop" for r in results),
         "ttft_ms_p50": median([r.timings.ttft_ms for r in results]),
         "client": done,

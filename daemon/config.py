@@ -59,6 +59,7 @@ def default_kv_budget() -> int:
 @dataclass
 class Config:
     model: str = "builtin:tiny"
+    weights: str = "auto"  # "native" | "float32" | "auto" (float32 on CPU)
     socket: Path = field(default_factory=default_socket_path)
     backend: str = "asyncio"
     cache_dir: Path = field(default_factory=cache_dir)

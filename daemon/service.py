@@ -109,6 +109,7 @@ class Daemon:
             "model loaded",
             model=self.model.id,
             fingerprint=self.model.fingerprint[:16],
+            weights=self.model.weights,
             blas=BLAS,
             pool_blocks=self.pool.total,
             kv_budget=self.config.kv_budget_bytes,
@@ -129,7 +130,7 @@ class Daemon:
         def load() -> LoadedModel:
             self.engine.set_model(None, None)  # unload first: two models may not fit
             mx.clear_cache()
-            loaded = load_model(spec, cache_dir)
+            loaded = load_model(spec, cache_dir, self.config.weights)
             self.engine.set_model(loaded.model, loaded.tokenizer)
             return loaded
 
@@ -292,7 +293,7 @@ class Daemon:
     def model_info(self) -> rpc.ModelInfo:
         m = self.model
         return rpc.ModelInfo(
-            m.id, m.path, m.fingerprint, m.type, m.vocab_size, m.context_length, m.dtype
+            m.id, m.path, m.fingerprint, m.type, m.vocab_size, m.context_length, m.dtype, m.weights
         )
 
     async def initialize(self, params: rpc.InitializeParams, ctx: RequestContext) -> Any:

@@ -82,6 +82,8 @@ class ModelInfo(Result):
     vocab_size: int
     context_length: int
     dtype: str
+    # "native": quantized as the file stores it; "float32": dequantized (the CPU default).
+    weights: str = "native"
 
 
 class ChatMessage(Struct, forbid_unknown_fields=True):

@@ -62,7 +62,7 @@ class DaemonProcess:
         folder: Path,
         cache_dir: Path,
         *args: str,
-        model: str = "builtin:tiny",
+        model: str | None = "builtin:tiny",  # None: no --model, the daemon's default
         backend: str = "asyncio",
         state_dir: Path | None = None,
         env: dict[str, str] | None = None,
@@ -77,7 +77,7 @@ class DaemonProcess:
         self.state_dir = state_dir or folder / "state"
         self.cache_dir = cache_dir
         self.args = [
-            "--model", model, "--backend", backend, "--socket", str(self.socket),
+            *(["--model", model] if model else []), "--backend", backend, "--socket", str(self.socket),
             "--state-dir", str(self.state_dir), "--log-level", "debug", *args,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None

@@ -144,7 +144,16 @@ def test_socket_is_private_and_long_paths_are_refused(short_dir: Path, model_cac
         proc.stop()
     long_folder = short_dir / ("x" * 120)
     result = subprocess.run(
-        [sys.executable, "-m", "mlxd.daemon", "serve", "--socket", str(long_folder / "d.sock")],
+        [
+            sys.executable,
+            "-m",
+            "mlxd.daemon",
+            "serve",
+            "--model",
+            "builtin:tiny",
+            "--socket",
+            str(long_folder / "d.sock"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -241,6 +250,8 @@ def test_stdio_transport_serves_one_peer(model_cache: Path, short_dir: Path) -> 
             "-m",
             "mlxd.daemon",
             "serve",
+            "--model",
+            "builtin:tiny",
             "--stdio",
             "--state-dir",
             str(short_dir / "st"),
@@ -265,7 +276,16 @@ def test_a_socket_folder_owned_by_another_user_is_refused(
     folder.mkdir(mode=0o700)
     os.chown(folder, 65534, 65534)
     result = subprocess.run(
-        [sys.executable, "-m", "mlxd.daemon", "serve", "--socket", str(folder / "d.sock")],
+        [
+            sys.executable,
+            "-m",
+            "mlxd.daemon",
+            "serve",
+            "--model",
+            "builtin:tiny",
+            "--socket",
+            str(folder / "d.sock"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -106,7 +106,7 @@ def test_damaged_builtin_folder_is_regenerated(tmp_path: Path) -> None:
 
 
 def test_unknown_builtin_name() -> None:
-    with pytest.raises(ValueError, match="small, tiny"):
+    with pytest.raises(ValueError, match="small, smollm2, tiny"):
         ensure_builtin("huge", Path("/nonexistent"))
 
 
