@@ -381,7 +381,8 @@ class _Conn:
     async def _health(self, path: str, body: bytes, session: str | None) -> None:
         ctx = self._context("status")
         status: rpc.StatusResult = await self.daemon.status(rpc.EmptyParams(), ctx)
-        state = "draining" if self.daemon.state != "ok" else status.state
+        life = self.daemon.state.value  # swapping or draining: not ready, whatever the load
+        state = status.state if life == "ok" else life
         payload = {
             "status": state,
             "model": status.model.id,
