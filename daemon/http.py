@@ -246,6 +246,8 @@ class HttpFront:
         self.daemon.server.connections += 1
         try:
             await _Conn(self, stream, next(_conn_ids), tcp=True).run(b"")
+        except Exception:  # one connection's bug must not stop the daemon serving the others
+            log.exception("http connection failed")
         finally:
             self.daemon.server.connections -= 1
             with anyio.CancelScope(shield=True):

@@ -143,7 +143,10 @@ async def _accept(daemon: Daemon, stream: SocketStream) -> None:
         log.warning("refused a connection from another user", peer_uid=uid)
         await stream.aclose()
         return
-    await daemon.server.serve_stream(stream)
+    try:
+        await daemon.server.serve_stream(stream)
+    except Exception:  # one connection's bug must not stop the daemon serving the others
+        log.exception("connection failed")
 
 
 async def _serve_listener(daemon: Daemon, listener: SocketListener, tg: TaskGroup) -> None:

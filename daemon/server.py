@@ -411,6 +411,8 @@ def _hung_up(stream: ByteStream) -> bool:
     sock = stream.extra(SocketAttribute.raw_socket, None)
     if sock is None:
         return False  # not a socket (stdio): EOF means the peer is done
+    if sock.fileno() < 0:
+        return True  # closed already: our writer gave up on this peer
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0))
     events = dict(poller.poll(0)).get(sock.fileno(), 0)

@@ -87,7 +87,8 @@ def served(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[Served
         backend=str(request.param),
     ).start()  # fmt: skip
     yield Served(proc, port)
-    assert proc.stop() == 0
+    code = proc.stop()
+    assert code == 0, "\n".join(proc.lines[-60:])
     shutil.rmtree(folder, ignore_errors=True)
 
 
