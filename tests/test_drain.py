@@ -77,7 +77,7 @@ def test_stdio_honours_the_drain_timeout_with_a_peer_that_stopped_reading(
 ) -> None:
     drain_s = 1.0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxd.daemon", "serve", "--stdio", "--drain-timeout", str(drain_s),
+        [sys.executable, "-m", "mlxd.daemon", "serve", "--stdio", "--model", "builtin:tiny", "--drain-timeout", str(drain_s),
          "--state-dir", str(short_dir / "st")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
@@ -150,7 +150,7 @@ async def test_a_swap_that_ends_during_a_drain_does_not_undo_it(tmp_path: Path) 
     daemon.enter(State.OK)
     daemon.model = SimpleNamespace(  # type: ignore[assignment]
         id="a", path="/a", fingerprint="f" * 64, type="llama", vocab_size=1,
-        context_length=1, dtype="float32",
+        context_length=1, dtype="float32", weights="float32",
     )  # fmt: skip
     loading, release = anyio.Event(), anyio.Event()
 
