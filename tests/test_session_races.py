@@ -110,7 +110,7 @@ def _error_code(conn: RawConnection, id: int) -> int | None:
 
 
 def test_growing_turns_free_every_block_on_delete(folder: Path, model_cache: Path) -> None:
-    with _serving(folder, model_cache) as (proc, client, per_block):
+    with _serving(folder, model_cache) as (_, client, per_block):
         prompt = "A conversation that keeps growing." + MORE
         for _ in range(4):
             reply = client.generate(prompt, session="grow", max_tokens=8)
@@ -124,11 +124,8 @@ def test_growing_turns_free_every_block_on_delete(folder: Path, model_cache: Pat
 def test_delete_of_a_busy_session_discards_the_turn_and_refuses_the_queued_one(
     folder: Path, model_cache: Path
 ) -> None:
-    with _serving(folder, model_cache, "--kv-budget", _budget(model_cache, 8)) as (
-        proc,
-        client,
-        per_block,
-    ):
+    budget = _budget(model_cache, 8)
+    with _serving(folder, model_cache, "--kv-budget", budget) as (proc, client, per_block):
         for round in range(3):
             prompt = _grow(client, "busy", 3, f"Round {round} of a doomed conversation.")
             running = _running(proc.socket, "busy", prompt)
@@ -196,11 +193,8 @@ def test_two_identical_forks_at_once_one_wins(folder: Path, model_cache: Path) -
 
 
 def test_forks_stay_within_the_kv_budget(folder: Path, model_cache: Path) -> None:
-    with _serving(folder, model_cache, "--kv-budget", _budget(model_cache, 4)) as (
-        proc,
-        client,
-        per_block,
-    ):
+    budget = _budget(model_cache, 4)
+    with _serving(folder, model_cache, "--kv-budget", budget) as (_, client, per_block):
         # 2 < blocks < 4: no fork fits next to its source, so forks go to disk.
         prompt = _grow(client, "base", 1, "A conversation forked four times." + MORE)
         prompt = prompt[: -len(MORE) // 2]
@@ -230,7 +224,7 @@ def test_forks_stay_within_the_kv_budget(folder: Path, model_cache: Path) -> Non
 def test_delete_on_a_read_only_folder_forgets_the_session_and_reports_the_file(
     folder: Path, model_cache: Path
 ) -> None:
-    with _serving(folder, model_cache, MLXD_FAULT_UNLINK_EROFS="1") as (proc, client, per_block):
+    with _serving(folder, model_cache, MLXD_FAULT_UNLINK_EROFS="1") as (_, client, per_block):
         _grow(client, "stuck", 2, "A session whose file cannot be removed.")
         assert client.sessions_save("stuck") == 1
         assert client.sessions_delete("stuck") is True
