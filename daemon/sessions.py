@@ -558,7 +558,7 @@ class SessionStore:
         if size is None and not forked.deleted:
             raise rpc.RpcError(
                 rpc.ErrorCode.SERVER_BUSY,
-                f"no memory for a copy of {source.id!r}, and it could not be written to disk",
+                f"a copy of {source.id!r} fits neither the pool nor the disk (see disk_errors)",
                 {
                     "retry_after_ms": self.pool.retry_after_ms(),
                     "queue_depth": self.pool.queue_depth,
