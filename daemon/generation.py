@@ -117,13 +117,11 @@ async def _admit(
     try:
         await _compute_slot(daemon)
         slot_taken = True
-        held = sessions.detach_blocks(session) if session is not None else None
-        try:
-            reservation = await daemon.pool.reserve(requested, sessions.make_room, held)
-        except BaseException:
-            if session is not None:
-                sessions.attach_blocks(session, held)
-            raise
+        # The session's blocks count toward the need and stay its own until granted.
+        held = session.reservation if session is not None else None
+        reservation = await daemon.pool.reserve(requested, sessions.make_room, held)
+        if session is not None:
+            sessions.detach_blocks(session)  # the request's now, back with its outcome
         try:
             cache, cached = (None, 0)
             if session is not None:

@@ -265,13 +265,9 @@ class SessionStore:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
 
-    def detach_blocks(self, session: Session) -> Reservation | None:
-        """The session's pool blocks, to be absorbed into its next request's reservation."""
-        held, session.reservation = session.reservation, None
-        return held
-
-    def attach_blocks(self, session: Session, held: Reservation | None) -> None:
-        session.reservation = held
+    def detach_blocks(self, session: Session) -> None:
+        """The session's blocks were absorbed into its request's reservation: not its own now."""
+        session.reservation = None
 
     async def checkout(self, session: Session, prompt: list[int]) -> tuple[list[Any] | None, int]:
         """The cache to start `prompt` from and how many of its tokens it covers.
@@ -497,8 +493,9 @@ class SessionStore:
         self._forget(session)
         if not session.turn.busy:
             self._drop_hot(session)  # idle: nobody holds or waits for its turn
-        if session.disk_tokens or session.disk_bytes:
-            await self._delete_file(session)
+        # Always, not only when a file is known: a write may be under way, and this removal
+        # queues behind it on the writer thread.
+        await self._delete_file(session)
         return True
 
     async def fork(self, source_id: str, new_id: str) -> Session:

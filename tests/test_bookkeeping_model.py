@@ -30,7 +30,7 @@ from mlxd.daemon import persistence
 from mlxd.daemon.engine import Job, Outcome, Update
 from mlxd.daemon.generation import _admit
 from mlxd.daemon.pool import BlockPool
-from mlxd.daemon.sessions import CacheOps, ModelShape, SessionStore
+from mlxd.daemon.sessions import CacheOps, ModelShape, Session, SessionStore
 from mlxd.daemon.turns import Turn
 
 BLOCK = 256
@@ -114,6 +114,7 @@ class Bookkeeping(RuleBasedStateMachine):
         self.total = 8
         self.portal.call(self._build)
         self.tasks: list[tuple[str, Future[Any]]] = []
+        self.seen: dict[int, Session] = {}  # every session object, deleted ones included
         self.conversations: dict[str, list[int]] = {name: [] for name in NAMES}
         self.next_token = 1
 
@@ -147,6 +148,7 @@ class Bookkeeping(RuleBasedStateMachine):
 
     def _settle(self) -> None:
         self.portal.call(_settle, self.store)
+        self.seen.update((id(s), s) for s in self.store.sessions.values())
         done = [(kind, f) for kind, f in self.tasks if f.done()]
         self.tasks = [(kind, f) for kind, f in self.tasks if not f.done()]
         for kind, future in done:
@@ -264,11 +266,15 @@ class Bookkeeping(RuleBasedStateMachine):
         live = pool.live
         assert pool.used == sum(r.blocks for r in live) <= pool.total
         assert all(not r.released for r in live)
-        held = {id(s.reservation) for s in store.sessions.values() if s.reservation is not None}
+        for s in self.seen.values():
+            if s.deleted and not s.turn.busy:  # nobody left to discard it: must be gone
+                assert s.cache is None and s.reservation is None, s
+        # A session deleted while busy keeps its blocks until its turn's holder ends.
+        owners = [*store.sessions.values(), *(s for s in self.seen.values() if s.deleted)]
+        held = {id(s.reservation) for s in owners if s.reservation is not None}
         unowned = [r for r in live if id(r) not in held]
-        # A running job owns one reservation; a turn waiting in the pool's queue keeps its
-        # session's blocks aside meanwhile. Anything else is a leak.
-        assert len(unowned) <= len(self.engine.jobs) + pool.queue_depth, (unowned, pool.used)
+        # A running job owns one reservation; anything else is a leak.
+        assert len(unowned) <= len(self.engine.jobs), (unowned, pool.used)
         if not self.engine.jobs and not self.tasks:
             assert not unowned
 
