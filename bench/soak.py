@@ -208,14 +208,14 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     minutes = float(opts.get("minutes") or (1.0 if quick else 5.0))
     sessions = int(opts.get("sessions", 8))
-    max_session = int(opts.get("max_session", 700))
+    max_session = int(opts.get("max_session", 1300))  # 6 blocks: turns cross block boundaries
     # kv_budget="tight": about half the sessions fit at their longest, so they spill and
     # come back from disk all along; default: the daemon's own budget (nothing spills).
     tight = opts.get("kv_budget") == "tight"
     args: list[str] = []
     budget = None
+    per_token = int(run_python(KV_PER_TOKEN, model))
     if tight:
-        per_token = int(run_python(KV_PER_TOKEN, model))
         blocks = -(-(max_session + 64) // BLOCK_TOKENS)
         budget = (sessions // 2) * blocks * per_token * BLOCK_TOKENS
         args = ["--kv-budget", str(budget)]
@@ -295,7 +295,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 probe.close()
             for t in threads:
                 t.join(REQUEST_TIMEOUT_S * 2)
-            final = admin.status()
+            final = _settled(admin)
+            held = _held_blocks(admin, per_token * BLOCK_TOKENS)
         stuck = [t for t in threads if t.is_alive()]
     total = minutes * 60
     ttft = load.ttft
@@ -338,7 +339,28 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         },
         "spilled": final.details.get("sessions_spilled"),
         "restored": final.details.get("sessions_restored"),
+        "blocks_used": final.pool.blocks_used,
+        "blocks_held": held,
     }
+
+
+def _settled(admin: Client) -> Any:
+    """The status once nothing runs or waits (the load has stopped)."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while True:
+        st = admin.status()
+        if (st.active == 0 and st.queue.depth == 0) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.05)
+
+
+def _held_blocks(admin: Client, block_bytes: int) -> int:
+    """Pool blocks the hot sessions hold; with nothing running, the pool must hold just these."""
+    held = sum(-(-x.bytes // block_bytes) or 1 for x in admin.sessions_list() if x.state == "hot")
+    used = admin.status().pool.blocks_used
+    if used != held:
+        raise AssertionError(f"the pool has {used} blocks used, the sessions hold {held}")
+    return held
 
 
 # -- report ------------------------------------------------------------------------------
@@ -380,7 +402,8 @@ def section(res: dict[str, Any]) -> list[str]:
         f"{c['errors']} {res['error_kinds'] or ''}; probe stalls (no first token within "
         f"{STALL_MS / 1000:.0f} s) {res['stalls']}; client threads still running at the end "
         f"{res['threads_stuck']}. Daemon totals: {res['totals']}; sessions spilled {res['spilled']}, "
-        f"restored {res['restored']}.",
+        f"restored {res['restored']}. Pool blocks used once the load stopped: "
+        f"{res['blocks_used']}, exactly the hot sessions' {res['blocks_held']}.",
         "",
         "| metric | after warm-up (20-30%) | end (last 10%) | growth | max after warm-up |",
         "|---|---|---|---|---|",

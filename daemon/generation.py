@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
+import structlog
 
 from mlxd import rpc
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from .service import Daemon
 
 __all__ = ["generate"]
+
+log = structlog.get_logger("mlxd.generation")
 
 
 class _Pending:
@@ -90,46 +93,66 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
             {"limit": limit, "requested": requested},
         )
     ctx.summary.update(session=params.session, prompt_tokens=len(prompt))
-    session = daemon.sessions.open(params.session) if params.session else None
-    if session is not None:
-        await session.turn.acquire()
+    try:
+        job, pending = await _admit(daemon, params, prompt, t_arrival)
+    except anyio.get_cancelled_exc_class():
+        if not ctx.cancel_requested:
+            raise
+        # Cancelled while it waited for its turn, a slot or blocks: nothing generated, but
+        # the reply still says how long the prompt was.
+        data = rpc.CancelledData("", rpc.Usage(prompt_tokens=len(prompt)))
+        raise rpc.RpcError(rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled", data) from None
+    ctx.cancel_hook = lambda: daemon.engine.cancel(job)
+    return await _follow(daemon, params, ctx, job, pending, t_arrival)
+
+
+async def _admit(
+    daemon: Daemon, params: rpc.GenerateParams, prompt: list[int], t_arrival: float
+) -> tuple[Job, _Pending]:
+    """The session's turn, a compute slot and the pool's blocks, then the job submitted;
+    from then on the job's outcome gives them all back."""
+    requested = len(prompt) + params.max_tokens
+    sessions = daemon.sessions
+    session = await sessions.begin(params.session, create=True) if params.session else None
     turn_passed = slot_taken = False
     try:
         await _compute_slot(daemon)
         slot_taken = True
-        held = daemon.sessions.detach_blocks(session) if session is not None else None
-        try:
-            reservation = await daemon.pool.reserve(requested, daemon.sessions.make_room, held)
-        except BaseException:
-            if session is not None:
-                daemon.sessions.attach_blocks(session, held)
-            raise
+        # The session's blocks count toward the need and stay its own until granted.
+        held = session.reservation if session is not None else None
+        reservation = await daemon.pool.reserve(requested, sessions.make_room, held)
+        if session is not None:
+            sessions.detach_blocks(session)  # the request's now, back with its outcome
         try:
             cache, cached = (None, 0)
             if session is not None:
-                cache, cached = await daemon.sessions.checkout(session, prompt)
+                cache, cached = await sessions.checkout(session, prompt)
         except BaseException:
             reservation.release()
             raise
         pending = _Pending(params.logprobs)
 
         def deliver(update: Update) -> None:
-            pending.push(update)
+            pending.push(update)  # first: whatever fails below, the reply has its outcome
             outcome = update.outcome
             if outcome is None:
                 return
             # Runs even when the client is gone: the session and pool stay consistent.
-            daemon.pool.mean_hold_s = 0.9 * daemon.pool.mean_hold_s + 0.1 * (
-                outcome.t_end - outcome.t_start
-            )
-            daemon.slots.release()
-            if session is not None:
-                faults.check("COMMIT")  # test-only fault seam
-                daemon.sessions.commit(session, outcome.cache, outcome.cache_tokens, reservation)
-                session.turn.release()
-                daemon.pool.nudge()  # an idle session's blocks can be spilled for the queue
-            else:
-                reservation.release()
+            try:
+                daemon.pool.mean_hold_s = 0.9 * daemon.pool.mean_hold_s + 0.1 * (
+                    outcome.t_end - outcome.t_start
+                )
+                if session is not None:
+                    faults.check("COMMIT")  # test-only fault seam
+                    sessions.commit(session, outcome.cache, outcome.cache_tokens, reservation)
+            except Exception:
+                log.exception("recording a turn's outcome failed", session=params.session)
+            finally:
+                if session is None or session.reservation is not reservation:
+                    reservation.release()  # not kept by the session (or commit failed)
+                daemon.slots.release()
+                if session is not None:
+                    sessions.end(session)
 
         job = Job(
             prompt=prompt,
@@ -154,10 +177,8 @@ async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestConte
         if slot_taken and not turn_passed:
             daemon.slots.release()
         if session is not None and not turn_passed:
-            session.turn.release()
-            daemon.pool.nudge()
-    ctx.cancel_hook = lambda: daemon.engine.cancel(job)
-    return await _follow(daemon, params, ctx, job, pending, t_arrival)
+            sessions.end(session)
+    return job, pending
 
 
 async def _compute_slot(daemon: Daemon) -> None:

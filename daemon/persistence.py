@@ -52,10 +52,13 @@ __all__ = [
     "compute_checksum",
     "dequantize_cache",
     "fsync_dir",
+    "is_quantized",
+    "prefix_view",
     "quantize_cache",
     "quarantine",
     "read_metadata",
     "read_snapshot",
+    "remove",
     "remove_temp_files",
     "restore",
     "snapshot",
@@ -92,6 +95,8 @@ _FAULTS = {
     errno.ENOSPC: int(os.environ.get("MLXD_FAULT_WRITE_ENOSPC", "0") or 0),
     errno.EROFS: int(os.environ.get("MLXD_FAULT_WRITE_EROFS", "0") or 0),
 }
+# ... and the next N removals fail as on a read-only folder (MLXD_FAULT_UNLINK_EROFS).
+_UNLINK_FAULTS = {errno.EROFS: int(os.environ.get("MLXD_FAULT_UNLINK_EROFS", "0") or 0)}
 
 # numpy dtype <-> safetensors dtype code, for the only dtypes our files contain.
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
@@ -284,6 +289,23 @@ def dequantize_cache(cache: Sequence[QuantizedKVCache]) -> list[KVCache]:
     return out
 
 
+def is_quantized(cache: Sequence[Any]) -> bool:
+    return bool(cache) and isinstance(cache[0], QuantizedKVCache)
+
+
+def prefix_view(cache: Sequence[Any], n: int) -> list[KVCache]:
+    """New KVCache objects over the same arrays, holding only the first `n` tokens.
+
+    Nothing writes into a session's arrays (the batch merges a copy), so sharing is safe.
+    """
+    views = []
+    for layer in cache:
+        view = KVCache()
+        view.keys, view.values, view.offset = layer.keys, layer.values, min(n, layer.offset)
+        views.append(view)
+    return views
+
+
 def cache_nbytes(cache: Sequence[Any]) -> int:
     """Bytes the cache arrays occupy, allocated capacity included (what the pool pays)."""
     return sum(0 if c.empty() else int(c.nbytes) for c in cache)
@@ -358,10 +380,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _injected_fault(code: int, path: Path) -> None:
-    if _FAULTS[code] > 0:
-        _FAULTS[code] -= 1
+def _injected_fault(code: int, path: Path, faults: dict[int, int] = _FAULTS) -> None:
+    if faults[code] > 0:
+        faults[code] -= 1
         raise OSError(code, f"{os.strerror(code)} (injected)", str(path))
+
+
+def remove(path: Path) -> None:
+    """Delete a cache file (writer thread); a file already gone is not an error."""
+    _injected_fault(errno.EROFS, path, _UNLINK_FAULTS)
+    Path(path).unlink(missing_ok=True)
 
 
 def write_snapshot(

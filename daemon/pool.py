@@ -25,23 +25,50 @@ __all__ = ["BlockPool", "Reservation"]
 
 @dataclass(eq=False)
 class Reservation:
+    """Blocks taken from a pool. They go back exactly once (`release`, `shrink`), or pass
+    whole to another reservation (`absorb`): the pool's `used` is always the sum of the
+    live reservations' blocks."""
+
     blocks: int
     pool: BlockPool
     released: bool = False
 
+    def __post_init__(self) -> None:
+        self.pool.live.add(self)
+
     def release(self) -> None:
         if not self.released:
-            self.released = True
-            self.pool._give_back(self.blocks)
+            blocks, self.blocks, self.released = self.blocks, 0, True
+            self.pool.live.discard(self)
+            self.pool._give_back(blocks)
 
-    def resize(self, blocks: int) -> None:
-        """Shrink (or grow, unchecked) to `blocks`: a session keeping what it caches."""
-        delta = blocks - self.blocks
-        self.blocks = blocks
-        if delta < 0:
-            self.pool._give_back(-delta)
-        else:
-            self.pool.used += delta
+    def absorb(self, other: Reservation) -> None:
+        """Take over `other`'s blocks; `other` ends released, holding none."""
+        if other is self:
+            return
+        assert other.pool is self.pool and not self.released and not other.released
+        self.blocks += other.blocks
+        other.blocks, other.released = 0, True
+        self.pool.live.discard(other)
+
+    def shrink(self, blocks: int) -> None:
+        """Keep at most `blocks` (a session keeping what its cache occupies); give back the rest."""
+        excess = self.blocks - max(0, blocks)
+        if excess > 0 and not self.released:
+            self.blocks -= excess
+            self.pool._give_back(excess)
+
+    def grow(self, blocks: int) -> bool:
+        """Reach `blocks` from the pool's free blocks, without waiting; False if they are not free."""
+        if blocks <= self.blocks:
+            return True
+        extra = self.pool.try_reserve(blocks - self.blocks)
+        if extra is None or self.released:
+            if extra is not None:
+                extra.release()
+            return False
+        self.absorb(extra)
+        return True
 
 
 @dataclass(eq=False)
@@ -57,7 +84,8 @@ class BlockPool:
         self.total = max(1, total_blocks)
         self.block_tokens = block_tokens
         self.max_queue = max_queue
-        self.used = 0
+        self.used = 0  # always the sum of the live reservations' blocks
+        self.live: set[Reservation] = set()
         self._queue: deque[_Waiter] = deque()
         self.admitted = 0
         self.rejected = 0
@@ -96,21 +124,6 @@ class BlockPool:
         the need and is absorbed into the result; on an error it is left as it was.
         """
         blocks = self.blocks_for(tokens)
-        if held is not None:
-            extra = await self._reserve_blocks(max(0, blocks - held.blocks), tokens, make_room)
-            held.resize(held.blocks + extra.blocks if blocks > held.blocks else blocks)
-            extra.blocks, extra.released = 0, True
-            return held
-        return await self._reserve_blocks(blocks, tokens, make_room)
-
-    async def _reserve_blocks(
-        self,
-        blocks: int,
-        tokens: int,
-        make_room: Callable[[int], Awaitable[None]] | None,
-    ) -> Reservation:
-        if blocks == 0:
-            return Reservation(0, self)
         if blocks > self.total:
             self.rejected += 1
             raise rpc.RpcError(
@@ -119,6 +132,18 @@ class BlockPool:
                 f"the whole pool has {self.total}",
                 {"limit": self.total * self.block_tokens, "requested": tokens},
             )
+        if held is None:
+            return await self._reserve_blocks(blocks, make_room)
+        extra = await self._reserve_blocks(max(0, blocks - held.blocks), make_room)
+        held.absorb(extra)
+        held.shrink(blocks)
+        return held
+
+    async def _reserve_blocks(
+        self, blocks: int, make_room: Callable[[int], Awaitable[None]] | None
+    ) -> Reservation:
+        if blocks == 0:
+            return Reservation(0, self)  # live, holding nothing: absorbed or released later
         reservation = self.try_reserve(blocks)
         if reservation is None and make_room is not None and not self._queue:
             await make_room(blocks)
@@ -167,7 +192,8 @@ class BlockPool:
         return int(max(50, self.mean_hold_s * 1000 * max(1, len(self._queue)) / 4))
 
     def _give_back(self, blocks: int) -> None:
-        self.used = max(0, self.used - blocks)
+        assert 0 <= blocks <= self.used, (blocks, self.used)  # a double count is a bug, not noise
+        self.used -= blocks
         self._wake()
 
     def nudge(self) -> None:

@@ -331,7 +331,7 @@ class Daemon:
 
     async def status(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
         pool, engine = self.pool, self.engine
-        waiting = pool.queue_depth + self.slots.waiting
+        waiting = pool.queue_depth + self.slots.waiting + self.sessions.waiting
         degraded = pool.utilization > 0.9 or waiting > 0
         if self.state in (State.DRAINING, State.STOPPED):
             state = "draining"
@@ -427,10 +427,4 @@ class Daemon:
     async def sessions_save(self, params: rpc.SessionSaveParams, ctx: RequestContext) -> Any:
         if params.session is None:
             return rpc.SessionSaveResult(await self.sessions.save_all())
-        session = self.sessions.get(params.session)
-        await session.turn.acquire()
-        try:
-            saved = await self.sessions.save(session)
-        finally:
-            session.turn.release()
-        return rpc.SessionSaveResult(int(saved))
+        return rpc.SessionSaveResult(int(await self.sessions.save(params.session)))

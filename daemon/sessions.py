@@ -5,20 +5,28 @@ prefix (from memory, else from disk) and prefills only the rest. Hot caches hold
 of the pool; when a request does not fit, idle sessions are spilled to disk, least
 recently used first. Disk files are keyed by the model's fingerprint and have their own
 budget. MLX work (snapshot, restore) runs on the engine thread; file I/O on a writer thread.
+
+A session's states: absent (not in the store) → empty / hot / disk while idle, busy while
+something holds its turn → deleted. Everything that changes a session's cache, blocks or
+file holds its turn: a generate (from admission to its outcome), a spill, a save, a fork
+(the source's turn, and the new session's, claimed with its name). `delete` needs no turn:
+it removes the session from the store at once and marks it deleted; whoever holds the turn
+then discards the cache when it ends (`end`), and requests waiting for the turn get
+SessionNotFound. So no turn ever runs on a deleted session, and no blocks stay behind.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlxd import rpc
 
@@ -26,7 +34,15 @@ from . import persistence
 from .pool import BlockPool, Reservation
 from .turns import Turn
 
-__all__ = ["ModelShape", "Session", "SessionStore", "common_prefix"]
+__all__ = [
+    "MLX_CACHES",
+    "CacheOps",
+    "ModelShape",
+    "Session",
+    "SessionState",
+    "SessionStore",
+    "common_prefix",
+]
 
 log = structlog.get_logger("mlxd.sessions")
 SUFFIX = ".safetensors"
@@ -40,17 +56,27 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def prefix_view(cache: list[Any], n: int) -> list[Any]:
-    """New KVCache objects over the same arrays, holding only the first `n` tokens.
+@dataclass(frozen=True)
+class CacheOps:
+    """What the store does to KV caches: MLX's by default, plain objects in the
+    bookkeeping tests. `snapshot`, `restore` and `full` run on the engine thread."""
 
-    Nothing writes into a session's arrays (the batch merges a copy), so sharing is safe.
-    """
-    views = []
-    for layer in cache:
-        view = KVCache()
-        view.keys, view.values, view.offset = layer.keys, layer.values, min(n, layer.offset)
-        views.append(view)
-    return views
+    nbytes: Callable[[Sequence[Any]], int]
+    snapshot: Callable[[Sequence[Any], Sequence[int], int], persistence.Snapshot]
+    restore: Callable[[persistence.Snapshot], list[Any]]
+    prefix: Callable[[Sequence[Any], int], list[Any]]  # a view of the first n tokens
+    quantized: Callable[[Sequence[Any]], bool]
+    full: Callable[[Sequence[Any]], list[Any]]  # dequantized: the batch wants full precision
+
+
+MLX_CACHES = CacheOps(
+    nbytes=persistence.cache_nbytes,
+    snapshot=persistence.snapshot,
+    restore=persistence.restore,
+    prefix=persistence.prefix_view,
+    quantized=persistence.is_quantized,
+    full=persistence.dequantize_cache,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,14 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     dtype: str
+
+
+class SessionState(Enum):
+    EMPTY = "empty"  # known by name, nothing cached (not listed)
+    HOT = "hot"
+    DISK = "disk"
+    BUSY = "busy"
+    DELETED = "deleted"
 
 
 @dataclass(eq=False)
@@ -74,12 +108,23 @@ class Session:
     dirty: bool = False  # the hot cache differs from the file
     last_used: float = field(default_factory=time.time)
     turn: Turn = field(default_factory=Turn)
+    deleted: bool = False  # out of the store: its turn's holder discards what is left
+
+    @property
+    def phase(self) -> SessionState:
+        if self.deleted:
+            return SessionState.DELETED
+        if self.turn.busy:
+            return SessionState.BUSY
+        if self.cache is not None:
+            return SessionState.HOT
+        return SessionState.DISK if self.disk_tokens else SessionState.EMPTY
 
     @property
     def state(self) -> str:
-        if self.turn.busy:
-            return "busy"
-        return "hot" if self.cache is not None else "disk"
+        """The state as `sessions/list` shows it."""
+        phase = self.phase
+        return "disk" if phase in (SessionState.EMPTY, SessionState.DELETED) else phase.value
 
     @property
     def token_count(self) -> int:
@@ -101,6 +146,7 @@ class SessionStore:
         disk_budget_bytes: int,
         block_bytes: int,
         kv_bits: int = 0,
+        caches: CacheOps = MLX_CACHES,
     ) -> None:
         self.folder = root / "sessions" / shape.fingerprint[:16]
         self.quarantine_dir = root / "quarantine"
@@ -110,12 +156,19 @@ class SessionStore:
         self.disk_budget = disk_budget_bytes
         self.kv_bits = kv_bits
         self.block_bytes = block_bytes  # a pool block's KV bytes at the model's dtype
+        self.caches = caches
+        self._waiting = 0  # requests waiting for some session's turn
         self.sessions: dict[str, Session] = {}
         self._writer = anyio.CapacityLimiter(1)  # one writer thread: files written in order
         self.disk_errors: list[str] = []
         self.spilled = 0
         self.restored = 0
         self.quarantined = 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a session's turn (they count in `status.queue.depth`)."""
+        return self._waiting
 
     # -- index ----------------------------------------------------------------------
 
@@ -160,7 +213,7 @@ class SessionStore:
         except OSError as exc:
             log.error("could not quarantine a bad cache file", path=str(path), error=str(exc))
 
-    # -- a turn ---------------------------------------------------------------------
+    # -- turns ----------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -168,19 +221,53 @@ class SessionStore:
             raise rpc.RpcError(rpc.ErrorCode.SESSION_NOT_FOUND, f"no session {session_id!r}")
         return session
 
-    def open(self, session_id: str) -> Session:
+    async def begin(self, session_id: str, *, create: bool = False) -> Session:
+        """Wait for the session's turn (FIFO) and hold it; pair with `end`.
+
+        `create`: a session unknown by that name is made (a generate's first turn). A session
+        deleted while this waited is SessionNotFound: its conversation was thrown away.
+        """
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None and create:
             session = self.sessions[session_id] = Session(session_id)
+        if session is None:
+            raise rpc.RpcError(rpc.ErrorCode.SESSION_NOT_FOUND, f"no session {session_id!r}")
+        await self._hold(session)
         return session
 
-    def detach_blocks(self, session: Session) -> Reservation | None:
-        """The session's pool blocks, to be absorbed into its next request's reservation."""
-        held, session.reservation = session.reservation, None
-        return held
+    async def _hold(self, session: Session) -> None:
+        self._waiting += 1
+        try:
+            await session.turn.acquire()
+        finally:
+            self._waiting -= 1
+        if session.deleted:
+            self.end(session)
+            raise rpc.RpcError(
+                rpc.ErrorCode.SESSION_NOT_FOUND,
+                f"session {session.id!r} was deleted before this request's turn",
+            )
 
-    def attach_blocks(self, session: Session, held: Reservation | None) -> None:
-        session.reservation = held
+    def _try_hold(self, session: Session) -> bool:
+        return not session.deleted and session.turn.try_acquire()
+
+    def end(self, session: Session) -> None:
+        """Give up the turn: to the next waiter, else the session is idle."""
+        if session.deleted:
+            self._drop_hot(session)
+        session.turn.release()
+        if not session.turn.busy and session.phase is SessionState.EMPTY:
+            self._forget(session)  # nothing to keep: a failed first turn leaves no trace
+        self.pool.nudge()  # an idle session's blocks may be spilled for the queue
+
+    def _forget(self, session: Session) -> None:
+        session.deleted = True
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+
+    def detach_blocks(self, session: Session) -> None:
+        """The session's blocks were absorbed into its request's reservation: not its own now."""
+        session.reservation = None
 
     async def checkout(self, session: Session, prompt: list[int]) -> tuple[list[Any] | None, int]:
         """The cache to start `prompt` from and how many of its tokens it covers.
@@ -198,10 +285,11 @@ class SessionStore:
         n = min(common_prefix(tokens, prompt), len(prompt) - 1)
         if n <= 0:
             return None, 0
-        if isinstance(cache[0], QuantizedKVCache):  # --kv-bits: the batch wants full precision
+        caches = self.caches
+        if caches.quantized(cache):
             quantized = cache
-            cache = await self._on_engine(lambda: persistence.dequantize_cache(quantized))
-        return prefix_view(cache, n), n
+            cache = await self._on_engine(lambda: caches.full(quantized))
+        return caches.prefix(cache, n), n
 
     def commit(
         self,
@@ -210,19 +298,32 @@ class SessionStore:
         tokens: list[int] | None,
         reservation: Reservation,
     ) -> None:
-        """A turn ended: keep its cache hot and the blocks it needs; release the rest."""
-        session.last_used = time.time()
-        if cache is None or not tokens:
-            reservation.release()
-            return
-        session.cache, session.tokens, session.dirty = cache, list(tokens), True
-        session.hot_bytes = persistence.cache_nbytes(cache)
-        reservation.resize(self._blocks(session))
-        session.reservation = reservation
+        """A turn ended: keep its cache hot and the blocks it occupies; release the rest.
 
-    def _blocks(self, session: Session) -> int:
+        A deleted session keeps nothing, and a cache that would not fit the blocks the
+        turn reserved (nor the pool's free ones) is dropped: hot bytes stay within budget.
+        """
+        session.last_used = time.time()
+        kept = False
+        try:
+            if session.deleted or cache is None or not tokens:
+                return
+            hot_bytes = self.caches.nbytes(cache)
+            blocks = self._blocks_for(hot_bytes)
+            if not reservation.grow(blocks):
+                return
+            reservation.shrink(blocks)
+            self._drop_hot(session)
+            session.cache, session.tokens, session.dirty = cache, list(tokens), True
+            session.hot_bytes, session.reservation = hot_bytes, reservation
+            kept = True
+        finally:
+            if not kept:
+                reservation.release()
+
+    def _blocks_for(self, hot_bytes: int) -> int:
         """What a hot cache occupies, not what it covers: a quantized one holds fewer blocks."""
-        return max(1, math.ceil(session.hot_bytes / self.block_bytes))
+        return max(1, math.ceil(hot_bytes / self.block_bytes))
 
     def _drop_hot(self, session: Session) -> None:
         session.cache, session.hot_bytes = None, 0
@@ -230,11 +331,12 @@ class SessionStore:
             session.reservation.release()
             session.reservation = None
 
-    async def _load(self, session: Session) -> None:
+    async def _read(self, session: Session) -> persistence.Snapshot | None:
+        """The session's file, validated; None (quarantined, or a disk error noted) if unusable."""
         path = self._path(session.id)
         shape = self.shape
         try:
-            snap = await anyio.to_thread.run_sync(
+            return await anyio.to_thread.run_sync(
                 lambda: persistence.read_snapshot(
                     path,
                     fingerprint=shape.fingerprint,
@@ -248,11 +350,17 @@ class SessionStore:
         except (persistence.CacheFileError, OSError) as exc:
             if isinstance(exc, persistence.CacheFileError) or path.exists():
                 await anyio.to_thread.run_sync(self._quarantine, path, str(exc))
-            else:
+            elif not session.deleted:  # deleted meanwhile: its file went with it
                 self._note_disk_error(f"load {session.id}: {exc}")
             session.disk_tokens = session.disk_bytes = 0
+            return None
+
+    async def _load(self, session: Session) -> None:
+        snap = await self._read(session)
+        if snap is None:
             return
-        session.cache = await self._on_engine(lambda: persistence.restore(snap))
+        restore = self.caches.restore
+        session.cache = await self._on_engine(lambda: restore(snap))
         session.tokens = list(snap.tokens)
         session.hot_bytes = snap.nbytes
         session.dirty = False
@@ -269,34 +377,37 @@ class SessionStore:
         for session in idle:
             if self.pool.free >= blocks:
                 return
-            await self.spill(session)
+            if not self._try_hold(session):
+                continue  # busy since: its turn owns the cache now
+            try:
+                if session.cache is not None:
+                    await self._spill(session)
+            finally:
+                self.end(session)
 
-    async def spill(self, session: Session) -> None:
+    async def _spill(self, session: Session) -> None:
         if session.dirty:
-            await self.save(session)
+            await self._save(session)
         self._drop_hot(session)
         self.spilled += 1
 
-    async def save(self, session: Session) -> bool:
-        """Write the hot cache to disk (if it changed); False if it could not be written."""
+    async def save(self, session_id: str) -> bool:
+        """Write the session's hot cache to disk (if it changed), in its turn."""
+        session = await self.begin(session_id)
+        try:
+            return await self._save(session)
+        finally:
+            self.end(session)
+
+    async def _save(self, session: Session) -> bool:
+        """Write the hot cache to disk (turn held); False if unchanged or not written."""
         if session.cache is None or not session.dirty:
             return False
-        cache, tokens = session.cache, list(session.tokens)
-        snap = await self._on_engine(lambda: persistence.snapshot(cache, tokens, self.kv_bits))
-        path = self._path(session.id)
-        try:
-            size = await anyio.to_thread.run_sync(
-                lambda: persistence.write_snapshot(
-                    path,
-                    snap,
-                    fingerprint=self.shape.fingerprint,
-                    session=session.id,
-                    max_bytes=self.disk_budget,
-                ),
-                limiter=self._writer,
-            )
-        except OSError as exc:
-            self._note_disk_error(f"save {session.id}: {exc}")
+        cache, tokens, kv_bits = session.cache, list(session.tokens), self.kv_bits
+        snapshot = self.caches.snapshot
+        snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits))
+        size = await self._write(session, session.id, snap)
+        if size is None:
             return False
         if session.cache is cache:
             session.dirty = False
@@ -304,11 +415,42 @@ class SessionStore:
         await self._enforce_disk_budget(keep=session)
         return True
 
+    async def _write(self, owner: Session, name: str, snap: persistence.Snapshot) -> int | None:
+        """Write `snap` as session `name`'s file; None on a disk error (noted) or once `owner`
+        is deleted: the check runs on the writer thread, where files change in order, so a
+        delete's removal either comes after this write or this write is not done."""
+        path = self._path(name)
+
+        def write() -> int | None:
+            if owner.deleted:
+                return None
+            return persistence.write_snapshot(
+                path,
+                snap,
+                fingerprint=self.shape.fingerprint,
+                session=name,
+                max_bytes=self.disk_budget,
+            )
+
+        try:
+            return await anyio.to_thread.run_sync(write, limiter=self._writer)
+        except OSError as exc:
+            self._note_disk_error(f"save {name}: {exc}")
+            return None
+
     async def save_all(self) -> int:
         saved = 0
         for session in list(self.sessions.values()):
-            if await self.save(session):
-                saved += 1
+            if session.deleted:
+                continue
+            try:
+                await self._hold(session)
+            except rpc.RpcError:
+                continue  # deleted while we waited
+            try:
+                saved += await self._save(session)
+            finally:
+                self.end(session)
         return saved
 
     async def _enforce_disk_budget(self, keep: Session) -> None:
@@ -323,13 +465,16 @@ class SessionStore:
             total -= session.disk_bytes
             await self._delete_file(session)
             if session.cache is None and not session.turn.busy:
-                self.sessions.pop(session.id, None)
+                self._forget(session)
             else:
                 session.dirty = True  # only the hot copy is left
 
     async def _delete_file(self, session: Session) -> None:
         path = self._path(session.id)
-        await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True), limiter=self._writer)
+        try:
+            await anyio.to_thread.run_sync(persistence.remove, path, limiter=self._writer)
+        except OSError as exc:
+            self._note_disk_error(f"delete {session.id}: {exc}")
         session.disk_tokens = session.disk_bytes = 0
 
     def _note_disk_error(self, message: str) -> None:
@@ -339,39 +484,86 @@ class SessionStore:
     # -- methods --------------------------------------------------------------------
 
     async def delete(self, session_id: str) -> bool:
+        """Forget the session now. A running turn finishes and its cache is discarded;
+        turns waiting for it get SessionNotFound. A file that cannot be removed is a disk
+        error in `status`, and the session is gone all the same (until a restart finds it)."""
         session = self.sessions.get(session_id)
         if session is None:
             return False
-        await session.turn.acquire()
-        try:
-            self._drop_hot(session)
-            await self._delete_file(session)
-            self.sessions.pop(session_id, None)
-        finally:
-            session.turn.release()
+        self._forget(session)
+        if not session.turn.busy:
+            self._drop_hot(session)  # idle: nobody holds or waits for its turn
+        # Always, not only when a file is known: a write may be under way, and this removal
+        # queues behind it on the writer thread.
+        await self._delete_file(session)
         return True
 
     async def fork(self, source_id: str, new_id: str) -> Session:
-        source = self.get(source_id)
-        if new_id in self.sessions:
-            raise rpc.RpcError(rpc.ErrorCode.INVALID_PARAMS, f"session {new_id!r} exists already")
-        await source.turn.acquire()
+        """A new session sharing the source's cache: in memory if the pool has (or can spill
+        for) its blocks without waiting, else on disk only."""
+        self._refuse_taken(new_id)
+        source = await self.begin(source_id)
         try:
-            if source.cache is None and source.disk_tokens:
-                await self._load(source)
-                if source.cache is not None:
-                    source.reservation = self.pool.try_reserve(self._blocks(source))
-            forked = self.open(new_id)
-            if source.cache is not None:
-                # Shares the layers: nothing writes into a session's cache in place.
-                forked.cache = list(source.cache)
-                forked.tokens = list(source.tokens)
-                forked.hot_bytes = source.hot_bytes
-                forked.dirty = True
-                forked.reservation = self.pool.try_reserve(self._blocks(forked))
+            self._refuse_taken(new_id)  # again: the name may have been taken while we waited
+            forked = self.sessions[new_id] = Session(new_id)
+            forked.turn.try_acquire()  # claimed with its name: busy until the copy is made
+            try:
+                await self._copy(source, forked)
+            except BaseException:
+                self._forget(forked)
+                raise
+            finally:
+                self.end(forked)
             return forked
         finally:
-            source.turn.release()
+            self.end(source)
+
+    def _refuse_taken(self, new_id: str) -> None:
+        if new_id in self.sessions:
+            raise rpc.RpcError(rpc.ErrorCode.INVALID_PARAMS, f"session {new_id!r} exists already")
+
+    async def _copy(self, source: Session, forked: Session) -> None:
+        forked.last_used = time.time()
+        if source.cache is None:
+            if source.disk_tokens:
+                snap = await self._read(source)
+                if snap is not None:
+                    await self._copy_to_disk(source, forked, snap)
+            return
+        blocks = self._blocks_for(source.hot_bytes)
+        reservation = self.pool.try_reserve(blocks)
+        if reservation is None and blocks <= self.pool.total:
+            await self.make_room(blocks)
+            reservation = self.pool.try_reserve(blocks)
+        if reservation is None:
+            cache, tokens, kv_bits = source.cache, list(source.tokens), self.kv_bits
+            snapshot = self.caches.snapshot
+            snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits))
+            await self._copy_to_disk(source, forked, snap)
+            return
+        # Shares the layers: nothing writes into a session's cache in place.
+        forked.cache = list(source.cache)
+        forked.tokens = list(source.tokens)
+        forked.hot_bytes = source.hot_bytes
+        forked.dirty = True
+        forked.reservation = reservation
+
+    async def _copy_to_disk(
+        self, source: Session, forked: Session, snap: persistence.Snapshot
+    ) -> None:
+        size = await self._write(forked, forked.id, snap)
+        if size is None and not forked.deleted:
+            raise rpc.RpcError(
+                rpc.ErrorCode.SERVER_BUSY,
+                f"a copy of {source.id!r} fits neither the pool nor the disk (see disk_errors)",
+                {
+                    "retry_after_ms": self.pool.retry_after_ms(),
+                    "queue_depth": self.pool.queue_depth,
+                },
+            )
+        forked.disk_tokens, forked.disk_bytes = snap.n_tokens, size or 0
+        if size:
+            await self._enforce_disk_budget(keep=forked)
 
     def tier_status(self) -> rpc.SessionTierStatus:
         hot = [s for s in self.sessions.values() if s.cache is not None]

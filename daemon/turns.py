@@ -28,9 +28,15 @@ class Turn:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """The turn if it is free and nobody waits for it, without waiting."""
         if self.free and not self._waiters:
             self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         event = anyio.Event()
         self._waiters.append(event)

@@ -1,8 +1,11 @@
-"""A short soak: a few hundred mixed requests (sessions, cancels, vanishing clients, bad
-params) against one daemon; memory and descriptors return to their warmed-up baseline."""
+"""A short soak: a few hundred mixed requests (sessions whose conversations grow across
+several pool blocks, cancels, vanishing clients, bad params) against one daemon; the pool
+holds exactly the sessions' blocks, and memory and descriptors return to their warmed-up
+baseline."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -18,9 +21,11 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection, short_tmpdir
+from .daemon_proc import DaemonProcess, RawConnection, block_bytes, short_tmpdir
 
 SESSIONS = [f"soak-{i}" for i in range(4)]
+MORE = " more words " * 15  # ~180 tokens a turn: a conversation crosses a block every turn or two
+MAX_CONVERSATION = 1500  # characters (about as many tokens, 6 blocks); then it restarts
 KINDS = ["generate", "session", "cancel", "vanish", "tokenize", "bad"]
 RSS_MARGIN = 24 * 1024**2
 MLX_MARGIN = 1024**2
@@ -35,7 +40,9 @@ def soaked(model_cache: Path) -> Iterator[DaemonProcess]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _one(socket: Path, kind: str, rng: random.Random, lock: threading.Lock) -> str:
+def _one(
+    socket: Path, kind: str, rng: random.Random, lock: threading.Lock, convs: dict[str, str]
+) -> str:
     """Run one request of `kind`; returns how it ended."""
     if kind in ("generate", "session", "tokenize", "bad"):
         with Client(socket) as client:
@@ -44,8 +51,12 @@ def _one(socket: Path, kind: str, rng: random.Random, lock: threading.Lock) -> s
             elif kind == "session":
                 session = rng.choice(SESSIONS)
                 with lock:  # one turn per session at a time keeps the conversations whole
-                    prompt = f"{session}: " + "turn. " * rng.randint(1, 30)
-                    client.generate(prompt, session=session, max_tokens=rng.randint(1, 8))
+                    prompt = convs.get(session, f"{session}: ") + MORE
+                    if len(prompt) > MAX_CONVERSATION:
+                        client.sessions_delete(session)
+                        prompt = f"{session}: " + MORE
+                    reply = client.generate(prompt, session=session, max_tokens=rng.randint(1, 8))
+                    convs[session] = prompt + reply.text
             elif kind == "tokenize":
                 client.tokenize("soak " * rng.randint(1, 50))
             else:
@@ -72,11 +83,13 @@ def _one(socket: Path, kind: str, rng: random.Random, lock: threading.Lock) -> s
 class Usage:
     rss: int
     mlx_active: int
+    mlx_cache: int  # freed buffers MLX keeps for reuse: bounded, sized by the largest shapes
     fds: int
 
 
-def _settle_and_measure(proc: DaemonProcess) -> Usage:
-    """Wait until nothing runs and no session is held, then read memory and descriptors."""
+def _settle_and_measure(proc: DaemonProcess, per_block: int) -> Usage:
+    """Wait until nothing runs; the pool holds just the sessions' blocks; delete them all,
+    then read memory and descriptors."""
     assert proc.proc is not None
     with Client(proc.socket) as client:
         deadline = time.monotonic() + 60
@@ -84,6 +97,12 @@ def _settle_and_measure(proc: DaemonProcess) -> Usage:
             status = client.status()
             idle = status.active == 0 and status.queue.depth == 0 and status.connections == 1
             if idle:
+                held = sum(
+                    max(1, math.ceil(s.bytes / per_block))
+                    for s in client.sessions_list()
+                    if s.state == "hot"
+                )
+                assert status.pool.blocks_used == held, (status.pool, client.sessions_list())
                 for info in client.sessions_list():
                     client.sessions_delete(info.session)
                 status = client.status()
@@ -94,10 +113,13 @@ def _settle_and_measure(proc: DaemonProcess) -> Usage:
         client.generate("measure", max_tokens=2)
         status = client.status()
         fds = len(os.listdir(f"/proc/{proc.proc.pid}/fd")) - 1  # not this client's socket
-    return Usage(status.memory.rss_bytes, status.memory.mlx_active_bytes, fds)
+    memory = status.memory
+    return Usage(memory.rss_bytes, memory.mlx_active_bytes, memory.mlx_cache_bytes, fds)
 
 
-def _run_mix(proc: DaemonProcess, count: int, seed: int, workers: int = 6) -> Counter[str]:
+def _run_mix(
+    proc: DaemonProcess, count: int, seed: int, convs: dict[str, str], workers: int = 6
+) -> Counter[str]:
     rng = random.Random(seed)
     kinds = [rng.choice(KINDS) for _ in range(count)]
     done: Counter[str] = Counter()
@@ -114,7 +136,7 @@ def _run_mix(proc: DaemonProcess, count: int, seed: int, workers: int = 6) -> Co
                 return
             i, kind = item
             try:
-                outcome = _one(proc.socket, kind, random.Random(seed * 1000 + i), lock)
+                outcome = _one(proc.socket, kind, random.Random(seed * 1000 + i), lock, convs)
             except BaseException as exc:
                 errors.append(exc)
                 return
@@ -131,13 +153,20 @@ def _run_mix(proc: DaemonProcess, count: int, seed: int, workers: int = 6) -> Co
     return done
 
 
-def test_a_few_hundred_mixed_requests_leave_no_residue(soaked: DaemonProcess) -> None:
-    _run_mix(soaked, 80, seed=1)  # warm-up: allocator pools, kernels, thread pools
-    baseline = _settle_and_measure(soaked)
-    done = _run_mix(soaked, 300, seed=2)
+def test_a_few_hundred_mixed_requests_leave_no_residue(
+    soaked: DaemonProcess, model_cache: Path
+) -> None:
+    per_block = block_bytes(model_cache)
+    # Warm-up: allocator pools, kernels, thread pools, and conversations at their longest.
+    convs: dict[str, str] = {}
+    _run_mix(soaked, 120, seed=1, convs=convs)
+    baseline = _settle_and_measure(soaked, per_block)
+    done = _run_mix(soaked, 300, seed=2, convs=convs)
     assert sum(done.values()) == 300 and set(done) == set(KINDS), done
-    after = _settle_and_measure(soaked)
+    assert max(len(c) for c in convs.values()) > 3 * 256  # conversations crossed blocks
+    after = _settle_and_measure(soaked, per_block)
     assert soaked.proc is not None and soaked.proc.poll() is None
     assert after.fds == baseline.fds, (baseline, after)
     assert after.mlx_active <= baseline.mlx_active + MLX_MARGIN, (baseline, after)
-    assert after.rss <= baseline.rss + RSS_MARGIN, (baseline, after)
+    net = after.rss - after.mlx_cache - (baseline.rss - baseline.mlx_cache)
+    assert net <= RSS_MARGIN, (baseline, after)
