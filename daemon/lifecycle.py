@@ -14,6 +14,7 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -67,6 +68,12 @@ def _private_folder(folder: Path) -> None:
     info = folder.stat()
     if info.st_uid != os.getuid():
         raise SocketSetupError(f"{folder} belongs to uid {info.st_uid}, not to you ({os.getuid()})")
+    if info.st_mode & stat.S_ISVTX:
+        # A shared folder such as /tmp: making it private would lock every other user out.
+        raise SocketSetupError(
+            f"{folder} is a shared folder; put the socket in a folder of its own "
+            f"(e.g. {folder / f'mlxd-{os.getuid()}' / 'mlxd.sock'})"
+        )
     if info.st_mode & 0o077:
         try:
             folder.chmod(0o700)

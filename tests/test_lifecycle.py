@@ -294,3 +294,21 @@ def test_a_socket_folder_owned_by_another_user_is_refused(
     assert result.returncode == 1
     assert "belongs to uid 65534" in result.stderr
     assert not (folder / "d.sock").exists()
+
+
+def test_a_socket_in_a_shared_sticky_folder_is_refused_and_the_folder_left_alone(
+    short_dir: Path, model_cache: Path
+) -> None:
+    shared = short_dir / "shared"  # like /tmp: world-writable with the sticky bit
+    shared.mkdir()
+    shared.chmod(0o1777)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", "serve", "--model", "builtin:tiny",
+         "--socket", str(shared / "d.sock"), "--state-dir", str(short_dir / "st")],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "is a shared folder" in result.stderr
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert not (shared / "d.sock").exists()
