@@ -25,7 +25,7 @@ import anyio
 import h11
 import msgspec
 import structlog
-from anyio.abc import ByteStream, SocketListener, TaskGroup
+from anyio.abc import ByteStream, SocketListener
 
 from mlxd import rpc
 from mlxd.rpc import anthropic as an
@@ -232,10 +232,6 @@ class HttpFront:
             raise AddressError(f"cannot listen on {host}:{port}: {exc}") from None
         log.info("http listening", host=host, port=port)
         return listener  # type: ignore[return-value]
-
-    async def serve_listener(self, listener: Any, tg: TaskGroup) -> None:
-        async with listener:
-            await listener.serve(self.serve_tcp, tg)
 
     async def serve_unix(self, stream: ByteStream, data: bytes, conn_id: int) -> None:
         await _Conn(self, stream, conn_id, tcp=False).run(data)

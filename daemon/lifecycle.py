@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import signal
 import socket
 import stat
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -156,7 +158,11 @@ async def _accept(daemon: Daemon, stream: SocketStream) -> None:
         log.exception("connection failed")
 
 
-async def _serve_listener(daemon: Daemon, listener: SocketListener, tg: TaskGroup) -> None:
+async def _serve_listener(
+    listener: SocketListener,
+    tg: TaskGroup,
+    handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
+) -> None:
     while True:
         try:
             stream = await listener.accept()
@@ -167,7 +173,7 @@ async def _serve_listener(daemon: Daemon, listener: SocketListener, tg: TaskGrou
             log.error("cannot accept a connection; retrying", error=str(cause))
             await anyio.sleep(_ACCEPT_RETRY_S)
             continue
-        tg.start_soon(_accept, daemon, stream)
+        tg.start_soon(handle, stream)
 
 
 async def _watch_signals(
@@ -273,13 +279,18 @@ async def run_daemon(
             # The listener owns a duplicate: prepare_socket closes and unlinks the original.
             listener = await SocketListener.from_socket(sock.dup())
 
-            async def serve_connections() -> None:
+            async def serve_connections(
+                listener: SocketListener,
+                handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
+            ) -> None:
                 async with listener:
-                    await _serve_listener(daemon, listener, tg)
+                    await _serve_listener(listener, tg, handle)
 
-            tg.start_soon(serve_connections)
-            if config.http:  # a TCP port too; it also stays open while draining
-                tg.start_soon(daemon.http.serve_listener, await daemon.http.listen(), tg)
+            tg.start_soon(serve_connections, listener, functools.partial(_accept, daemon))
+            if config.http:  # a TCP port too (each address of it); open while draining too
+                tcp = await daemon.http.listen()
+                for one in getattr(tcp, "listeners", [tcp]):
+                    tg.start_soon(serve_connections, one, daemon.http.serve_tcp)
             _watch_idle(daemon, tg)
             log.info("serving", socket=str(config.socket), pid=os.getpid())
             task_status.started(config.socket)
