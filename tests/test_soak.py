@@ -159,7 +159,7 @@ def test_a_few_hundred_mixed_requests_leave_no_residue(
     per_block = block_bytes(model_cache)
     # Warm-up: allocator pools, kernels, thread pools, and conversations at their longest.
     convs: dict[str, str] = {}
-    _run_mix(soaked, 120, seed=1, convs=convs)
+    _run_mix(soaked, 300, seed=1, convs=convs)
     baseline = _settle_and_measure(soaked, per_block)
     done = _run_mix(soaked, 300, seed=2, convs=convs)
     assert sum(done.values()) == 300 and set(done) == set(KINDS), done
