@@ -9,6 +9,7 @@ raises: a failed step fails the running jobs, a failure in one job's handling th
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -168,7 +169,11 @@ class Engine:
             try:
                 if not self._drain_inbox(block=not self._running):
                     break
-                self.step()
+                if self.step() and not self._running:
+                    # Idle now. Finished requests leave reference cycles (closures, caught
+                    # cancellations) that hold KV arrays: big native buffers behind small
+                    # Python objects, which the collector's object counts never notice.
+                    gc.collect()
             except Exception:  # never let one bad step kill the engine
                 log.exception("engine step failed")
 
