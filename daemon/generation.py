@@ -113,7 +113,11 @@ async def _admit(
     from then on the job's outcome gives them all back."""
     requested = len(prompt) + params.max_tokens
     sessions = daemon.sessions
-    session = await sessions.begin(params.session, create=True) if params.session else None
+    session = None
+    if params.session:
+        session = await sessions.begin(params.session, create=True)
+    elif sessions.prefix_cache:
+        session = sessions.anonymous(prompt)  # kept for whoever resends this prompt
     turn_passed = slot_taken = False
     try:
         await _compute_slot(daemon)
