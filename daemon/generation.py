@@ -172,7 +172,8 @@ async def _admit(
             prefix_cache=cache,
             cached=cached,
             keep_cache=session is not None,
-            kv_bits=daemon.config.kv_bits if session is not None else 0,
+            # Anonymous entries stay exact: a sessionless client expects a cold run's output.
+            kv_bits=daemon.config.kv_bits if session is not None and not session.anonymous else 0,
             t_arrival=t_arrival,
         )
         daemon.engine.submit(job)

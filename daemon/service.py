@@ -333,7 +333,9 @@ class Daemon:
     async def status(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
         pool, engine = self.pool, self.engine
         waiting = pool.queue_depth + self.slots.waiting + self.sessions.waiting
-        degraded = pool.utilization > 0.9 or waiting > 0
+        # Anonymous entries are a cache any request may evict: they do not make it degraded.
+        used = pool.used - self.sessions.anonymous_blocks()
+        degraded = used > 0.9 * pool.total or waiting > 0
         if self.state in (State.DRAINING, State.STOPPED):
             state = "draining"
         else:

@@ -541,7 +541,8 @@ class SessionStore:
         """Write the hot cache to disk (turn held); False if unchanged or not written."""
         if session.cache is None or not session.dirty:
             return False
-        cache, tokens, kv_bits = session.cache, list(session.tokens), self.kv_bits
+        cache, tokens = session.cache, list(session.tokens)
+        kv_bits = 0 if session.anonymous else self.kv_bits  # anonymous entries stay exact
         snapshot = self.caches.snapshot
         snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits))
         size = await self._write(session, session.id, snap)
@@ -710,6 +711,12 @@ class SessionStore:
         if size:
             await self._enforce_disk_budget(keep=forked)
 
+    def anonymous_blocks(self) -> int:
+        """Pool blocks that anonymous entries hold: a cache the next request may evict."""
+        return sum(
+            s.reservation.blocks for s in self.sessions.values() if s.anonymous and s.reservation
+        )
+
     def prefix_status(self) -> dict[str, Any]:
         stats = self.prefix_stats
         hits = stats["hits_hot"] + stats["hits_disk"]
@@ -720,7 +727,7 @@ class SessionStore:
             "hit_rate": round(hits / stats["lookups"], 4) if stats["lookups"] else 0.0,
             "anonymous_entries": len(anonymous),
             # What anonymous entries hold of the pool (they are not in `sessions/list`).
-            "anonymous_blocks": sum(s.reservation.blocks for s in anonymous if s.reservation),
+            "anonymous_blocks": self.anonymous_blocks(),
             "indexed": len(self.index),
         }
 

@@ -20,6 +20,7 @@ __all__ = [
     "RawConnection",
     "assert_pool_is_the_sessions",
     "block_bytes",
+    "blocks_beyond_anonymous",
     "free_port",
     "held_blocks",
     "other_tiny_model",
@@ -253,3 +254,8 @@ def assert_pool_is_the_sessions(client: Any, per_block: int) -> None:
         time.sleep(0.01)
     assert status.pool.blocks_used == held_blocks(client, per_block)
     assert status.sessions.hot_bytes <= status.pool.blocks_total * per_block
+
+
+def blocks_beyond_anonymous(status: Any) -> int:
+    """Pool blocks not held by anonymous entries (sessionless requests keep their caches)."""
+    return int(status.pool.blocks_used - status.details["prefix_cache"]["anonymous_blocks"])
