@@ -56,6 +56,7 @@ __all__ = [
 log = structlog.get_logger("mlxd.sessions")
 SUFFIX = ".safetensors"
 ANON_PREFIX = "~anon-"  # outside the session id pattern: no client can name one
+SHORT_MATCH = 16  # tokens: a shorter common prefix (a BOS, a chat header) is not worth a view
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -335,10 +336,32 @@ class SessionStore:
         return prefer
 
     def _lookup(self, prompt: list[int], own: Session | None) -> tuple[Session, int] | None:
-        found = self.index.lookup(prompt, self._tokens_of(own), self._prefer(own))
+        tokens_of, prefer = self._tokens_of(own), self._prefer(own)
+        found = self.index.lookup(prompt, tokens_of, prefer)
+        if found is None:
+            found = self._short_match(prompt, tokens_of, prefer)
         if found is None:
             return None
         return self.sessions[found[0]], found[1]
+
+    def _short_match(
+        self,
+        prompt: list[int],
+        tokens_of: Callable[[str], list[int] | None],
+        prefer: Callable[[str], float],
+    ) -> tuple[str, int] | None:
+        """No whole block in common: the best match inside the first block, by a scan (the
+        index has no key for less than a block; short conversations still resume)."""
+        head = prompt[: self.index.block_tokens]
+        best: tuple[int, float, str] | None = None
+        for entry in list(self.sessions):
+            tokens = tokens_of(entry)
+            if not tokens:
+                continue
+            n = common_prefix(tokens, head)
+            if n >= SHORT_MATCH and (best is None or (n, prefer(entry), entry) > best):
+                best = (n, prefer(entry), entry)
+        return (best[2], best[0]) if best is not None else None
 
     def anonymous(self, prompt: list[int]) -> Session:
         """A sessionless request's entry, its turn held: an idle anonymous entry this prompt

@@ -199,3 +199,16 @@ def test_a_forced_hash_collision_reuses_no_wrong_cache(
             assert_pool_is_the_sessions(client, block_bytes(model_cache))
     finally:
         _finish(proc)
+
+
+def test_a_short_sessionless_conversation_resumes_too(
+    warm: DaemonProcess, cold: DaemonProcess
+) -> None:
+    """Less than a block in common: found by the scan of first blocks, not the index."""
+    with Client(warm.socket) as client:
+        first = client.generate("[short] What is the capital of France?", max_tokens=TURN)
+        assert first.usage.prompt_tokens < BLOCK
+        follow = "[short] What is the capital of France?" + first.text + " And Spain?"
+        second = client.generate(follow, max_tokens=TURN)
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    assert second.tokens == _run(cold.socket, follow).tokens
