@@ -2,7 +2,9 @@
 taking several turns over a conversation that grows, interleaved (agent 1 turn 1, agent 2
 turn 1, ..., agent 1 turn 2, ...), one request at a time. mlxd keeps each agent's KV cache
 in a session (`session=agent-i`); mlx_lm.server has its LRU prompt cache of
-`--prompt-cache-size` entries (default 10), one entry per conversation here.
+`--prompt-cache-size` entries (default 10), one entry per conversation here. A second
+mlxd gets the same prompts with no `session` at all (what an OpenAI-style client sends):
+its prefix cache keeps each conversation as an anonymous entry.
 
 The transcripts are the same for every server: turn 1 is an agent's opening text (distinct
 per agent from its first characters), and each later turn is the previous prompt + the
@@ -63,7 +65,10 @@ def user_message(agent: int, turn: int, n: int) -> str:
     )
 
 
-def _mlxd_turn(client: Client, prompt: str, session: str, max_tokens: int) -> dict[str, Any]:
+SESSIONLESS = "mlxd, sessionless"
+
+
+def _mlxd_turn(client: Client, prompt: str, session: str | None, max_tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     first = None
     stream = client.stream(prompt, session=session, max_tokens=max_tokens)
@@ -129,6 +134,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     big = bool(opts.get("big_cache", False))
     n_agents, n_turns, reply = p["agents"], p["turns"], p["reply"]
     sides = ["mlxd", "mlx_lm.server"] + (["mlx_lm.server, big cache"] if big else [])
+    sides.append(SESSIONLESS)
     log(
         f"  {n_agents} agents x {n_turns} turns, prompts {p['first']} -> "
         f"~{p['first'] + (n_turns - 1) * (p['user'] + reply)} tokens, replies of {reply} tokens, "
@@ -137,13 +143,15 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     servers = [MlxServer(model, "--prompt-cache-size", str(p["cache_size"]))]
     if big:
         servers.append(MlxServer(model, "--prompt-cache-size", str(4 * n_agents)))
-    daemon = Daemon(model)
+    daemon, anonymous = Daemon(model), Daemon(model)
     try:
         for s in servers:
             s.start()
         daemon.start()
-        with Client(daemon.socket) as client:
+        anonymous.start()
+        with Client(daemon.socket) as client, Client(anonymous.socket) as sessionless:
             client.generate("warm up", max_tokens=4)
+            sessionless.generate("warm up", max_tokens=4)
             status = client.status()
             prompts = [opening(i, p["first"]) for i in range(n_agents)]
             turns: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
@@ -157,6 +165,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                         if side == "mlxd":
                             got = _mlxd_turn(client, prompts[i], f"agent-{i}", reply)
                             replies.append(got["text"])
+                        elif side == SESSIONLESS:
+                            got = _mlxd_turn(sessionless, prompts[i], None, reply)
                         else:
                             port = servers[sides.index(side) - 1].port
                             got = _server_turn(port, prompts[i], reply)
@@ -172,9 +182,11 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                     for i in range(n_agents)
                 ]
             mlxd_sessions = client.status().sessions
+            prefix_cache = sessionless.status().details.get("prefix_cache")
     finally:
-        daemon.kill()
-        daemon.__exit__(None, None, None)
+        for d in (daemon, anonymous):
+            d.kill()
+            d.__exit__(None, None, None)
         for s in servers:
             s.stop()
 
@@ -199,6 +211,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         "summary": summary,
         "speedup": s["wall_s"] / d["wall_s"],
         "speedup_big": summary[sides[2]]["wall_s"] / d["wall_s"] if big else None,
+        "sessionless_vs_sessions": summary[SESSIONLESS]["wall_s"] / d["wall_s"],
+        "sessionless_prefix_cache": prefix_cache,
         "same": same,
         "turns_total": n_agents * n_turns,
         "mlxd_sessions": {"hot": mlxd_sessions.hot, "disk": mlxd_sessions.disk},
@@ -219,7 +233,10 @@ def headline(res: dict[str, Any]) -> list[str]:
         f"{w['turns']} turns, its prompt cache {w['cache_size']} entries) | {res['speedup']:.2f}x "
         f"({d['wall_s']:.0f} vs {s['wall_s']:.0f} s; TTFT p50 after turn 1 "
         f"{d['ttft_ms_after_turn1']['p50']:.0f} vs {s['ttft_ms_after_turn1']['p50']:.0f} ms) | "
-        f"{'yes' if res['speedup'] >= TARGET else '**no**'} |"
+        f"{'yes' if res['speedup'] >= TARGET else '**no**'} |",
+        f"| agents: sessionless mlxd within 10% of mlxd with sessions | "
+        f"{res['sessionless_vs_sessions']:.2f}x its wall time | "
+        f"{'yes' if res['sessionless_vs_sessions'] <= 1.1 else '**no**'} |",
     ]
 
 
@@ -262,6 +279,7 @@ def section(res: dict[str, Any]) -> list[str]:
         label = {
             "mlxd": "mlxd, sessions",
             "mlx_lm.server": f"mlx_lm.server, {w['cache_size']} entries",
+            SESSIONLESS: "mlxd, no session (prefix cache)",
         }.get(side, f"mlx_lm.server, {big} entries")
         speedup = "-" if side == "mlxd" else f"**{x['wall_s'] / d_wall:.2f}x**"
         lines.append(

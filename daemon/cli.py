@@ -41,6 +41,7 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
         drain_timeout_s=args.drain_timeout,
         max_queue=args.max_queue,
         kv_bits=args.kv_bits,
+        prefix_cache=args.prefix_cache == "on",
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
         idle_frame_timeout_s=args.idle_frame_timeout,
@@ -224,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disk-budget", help="disk for saved sessions, e.g. 20G")
     serve.add_argument(
         "--kv-bits", type=int, choices=[0, 4, 8], default=0, help="quantize saved session caches"
+    )
+    serve.add_argument(
+        "--prefix-cache",
+        choices=["on", "off"],
+        default="on",
+        help="start every request from the longest cached prefix, and keep sessionless caches",
     )
     serve.add_argument("--max-queue", type=int, default=64)
     serve.add_argument("--max-batch", type=int, default=32)

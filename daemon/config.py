@@ -67,6 +67,7 @@ class Config:
     kv_budget_bytes: int = field(default_factory=default_kv_budget)
     disk_budget_bytes: int = 20 * 1024**3
     kv_bits: int = 0
+    prefix_cache: bool = True  # reuse any cached prefix; keep sessionless caches
     block_tokens: int = 256
     max_queue: int = 64
     max_inflight_per_connection: int = 64

@@ -113,7 +113,11 @@ async def _admit(
     from then on the job's outcome gives them all back."""
     requested = len(prompt) + params.max_tokens
     sessions = daemon.sessions
-    session = await sessions.begin(params.session, create=True) if params.session else None
+    session = None
+    if params.session:
+        session = await sessions.begin(params.session, create=True)
+    elif sessions.prefix_cache:
+        session = sessions.anonymous(prompt)  # kept for whoever resends this prompt
     turn_passed = slot_taken = False
     try:
         await _compute_slot(daemon)
@@ -168,7 +172,8 @@ async def _admit(
             prefix_cache=cache,
             cached=cached,
             keep_cache=session is not None,
-            kv_bits=daemon.config.kv_bits if session is not None else 0,
+            # Anonymous entries stay exact: a sessionless client expects a cold run's output.
+            kv_bits=daemon.config.kv_bits if session is not None and not session.anonymous else 0,
             t_arrival=t_arrival,
         )
         daemon.engine.submit(job)

@@ -52,6 +52,7 @@ __all__ = [
     "compute_checksum",
     "dequantize_cache",
     "fsync_dir",
+    "header_tokens",
     "is_quantized",
     "prefix_view",
     "quantize_cache",
@@ -522,6 +523,11 @@ def read_metadata(path: Path) -> dict[str, str]:
         meta = _parse_header(f, path).metadata
     _check_format(path, meta)
     return meta
+
+
+def header_tokens(path: Path, meta: Mapping[str, str]) -> list[int]:
+    """The tokens a cache file's header lists (CacheFileError if malformed)."""
+    return _parse_tokens(path, meta)
 
 
 def _int(path: Path, meta: Mapping[str, str], key: str) -> int:

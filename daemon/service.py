@@ -156,6 +156,7 @@ class Daemon:
             disk_budget_bytes=self.config.disk_budget_bytes,
             block_bytes=per_block,
             kv_bits=self.config.kv_bits,
+            prefix_cache=self.config.prefix_cache,
         )
         await self.sessions.load_index()
 
@@ -332,7 +333,9 @@ class Daemon:
     async def status(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
         pool, engine = self.pool, self.engine
         waiting = pool.queue_depth + self.slots.waiting + self.sessions.waiting
-        degraded = pool.utilization > 0.9 or waiting > 0
+        # Anonymous entries are a cache any request may evict: they do not make it degraded.
+        used = pool.used - self.sessions.anonymous_blocks()
+        degraded = used > 0.9 * pool.total or waiting > 0
         if self.state in (State.DRAINING, State.STOPPED):
             state = "draining"
         else:
@@ -369,6 +372,7 @@ class Daemon:
                 "sessions_restored": self.sessions.restored,
                 "sessions_quarantined": self.sessions.quarantined,
                 "disk_errors": list(self.sessions.disk_errors),
+                "prefix_cache": self.sessions.prefix_status(),
                 "socket": str(self.config.socket),
             },
         )
@@ -412,7 +416,11 @@ class Daemon:
         return rpc.EmptyResult()
 
     async def sessions_list(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
-        infos = [s.info() for s in self.sessions.sessions.values() if s.token_count or s.turn.busy]
+        infos = [
+            s.info()
+            for s in self.sessions.sessions.values()
+            if (s.token_count or s.turn.busy) and not s.anonymous
+        ]
         return rpc.SessionsListResult(sorted(infos, key=lambda i: i.session))
 
     async def sessions_get(self, params: rpc.SessionParams, ctx: RequestContext) -> Any:

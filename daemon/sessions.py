@@ -13,11 +13,19 @@ file holds its turn: a generate (from admission to its outcome), a spill, a save
 it removes the session from the store at once and marks it deleted; whoever holds the turn
 then discards the cache when it ends (`end`), and requests waiting for the turn get
 SessionNotFound. So no turn ever runs on a deleted session, and no blocks stay behind.
+
+With the prefix cache on, a request without a session keeps its cache too, as an anonymous
+entry (`~anon-...`, not listed, never named by a client), and every request may start from
+the longest cached prefix of any entry (found by `PrefixIndex`): its own, another hot idle
+cache (shared, never written), or another entry's file (read into a cache for this request
+only). Under pressure anonymous entries are spilled, and their files evicted, before
+named sessions.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +38,9 @@ import structlog
 
 from mlxd import rpc
 
-from . import persistence
+from . import faults, persistence
 from .pool import BlockPool, Reservation
+from .prefix_index import PrefixIndex
 from .turns import Turn
 
 __all__ = [
@@ -46,6 +55,8 @@ __all__ = [
 
 log = structlog.get_logger("mlxd.sessions")
 SUFFIX = ".safetensors"
+ANON_PREFIX = "~anon-"  # outside the session id pattern: no client can name one
+SHORT_MATCH = 16  # tokens: a shorter common prefix (a BOS, a chat header) is not worth a view
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -109,6 +120,9 @@ class Session:
     last_used: float = field(default_factory=time.time)
     turn: Turn = field(default_factory=Turn)
     deleted: bool = False  # out of the store: its turn's holder discards what is left
+    anonymous: bool = False  # kept for a sessionless request: not listed, evicted first
+    disk_token_list: list[int] | None = None  # the file's tokens (the prefix index reads them)
+    prompt_len: int = 0  # an anonymous entry's prompt: a prompt extending it continues it
 
     @property
     def phase(self) -> SessionState:
@@ -147,6 +161,7 @@ class SessionStore:
         block_bytes: int,
         kv_bits: int = 0,
         caches: CacheOps = MLX_CACHES,
+        prefix_cache: bool = True,
     ) -> None:
         self.folder = root / "sessions" / shape.fingerprint[:16]
         self.quarantine_dir = root / "quarantine"
@@ -164,6 +179,23 @@ class SessionStore:
         self.spilled = 0
         self.restored = 0
         self.quarantined = 0
+        self.prefix_cache = prefix_cache
+        # Test-only: a constant digest makes every block key collide.
+        collide = faults.take("PREFIX_COLLIDE")
+        if collide:
+            log.warning("prefix index keys forced to collide (test fault)")
+        self.index = PrefixIndex(
+            shape.fingerprint,
+            pool.block_tokens,
+            **({"digest": lambda data: b"\0" * 16} if collide else {}),
+        )
+        self.prefix_stats = {
+            "lookups": 0,
+            "hits_hot": 0,
+            "hits_disk": 0,
+            "hits_named": 0,
+            "hits_anonymous": 0,
+        }
 
     @property
     def waiting(self) -> int:
@@ -189,16 +221,20 @@ class SessionStore:
                 session_id = meta["session"]
                 if path.name != session_id + SUFFIX:
                     raise persistence.CacheFileError(path, "file name and session differ")
+                tokens = persistence.header_tokens(path, meta)
             except (persistence.CacheFileError, KeyError, OSError) as exc:
                 self._quarantine(path, str(exc))
                 continue
             stat = path.stat()
-            self.sessions[session_id] = Session(
+            session = self.sessions[session_id] = Session(
                 session_id,
                 disk_tokens=int(meta["n_tokens"]),
                 disk_bytes=stat.st_size,
                 last_used=stat.st_mtime,
+                anonymous=session_id.startswith(ANON_PREFIX),
+                disk_token_list=tokens,
             )
+            self._reindex(session)
 
     def _path(self, session_id: str) -> Path:
         return self.folder / (session_id + SUFFIX)
@@ -264,6 +300,117 @@ class SessionStore:
         session.deleted = True
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            self.index.remove(session.id)
+
+    def _reindex(self, session: Session) -> None:
+        """The index follows what the session holds: its hot cache, else its file."""
+        if session.deleted:
+            return
+        tokens = session.tokens if session.cache is not None else None
+        if tokens is None and session.disk_tokens:
+            tokens = session.disk_token_list
+        if tokens:
+            self.index.add(session.id, tokens)
+        else:
+            self.index.remove(session.id)
+
+    # -- the prefix cache -------------------------------------------------------------
+
+    def _tokens_of(self, own: Session | None) -> Callable[[str], list[int] | None]:
+        def tokens_of(entry: str) -> list[int] | None:
+            s = self.sessions.get(entry)
+            if s is None or s.deleted:
+                return None
+            if s.cache is not None and (s is own or not s.turn.busy):
+                return s.tokens  # a busy turn's cache may be being extended: not read
+            return s.disk_token_list if s.disk_tokens else None
+
+        return tokens_of
+
+    def _prefer(self, own: Session | None) -> Callable[[str], float]:
+        def prefer(entry: str) -> float:
+            s = self.sessions[entry]
+            tier = 3 if s is own else 2 if s.cache is not None and not s.turn.busy else 1
+            return tier * 1e10 + s.last_used  # own, then hot, then disk; recent first
+
+        return prefer
+
+    def _lookup(self, prompt: list[int], own: Session | None) -> tuple[Session, int] | None:
+        tokens_of, prefer = self._tokens_of(own), self._prefer(own)
+        found = self.index.lookup(prompt, tokens_of, prefer)
+        if found is None:
+            found = self._short_match(prompt, tokens_of, prefer)
+        if found is None:
+            return None
+        return self.sessions[found[0]], found[1]
+
+    def _short_match(
+        self,
+        prompt: list[int],
+        tokens_of: Callable[[str], list[int] | None],
+        prefer: Callable[[str], float],
+    ) -> tuple[str, int] | None:
+        """No whole block in common: the best match inside the first block, by a scan (the
+        index has no key for less than a block; short conversations still resume)."""
+        head = prompt[: self.index.block_tokens]
+        best: tuple[int, float, str] | None = None
+        for entry in list(self.sessions):
+            tokens = tokens_of(entry)
+            if not tokens:
+                continue
+            n = common_prefix(tokens, head)
+            if n >= SHORT_MATCH and (best is None or (n, prefer(entry), entry) > best):
+                best = (n, prefer(entry), entry)
+        return (best[2], best[0]) if best is not None else None
+
+    def anonymous(self, prompt: list[int]) -> Session:
+        """A sessionless request's entry, its turn held: an idle anonymous entry this prompt
+        continues (its whole prompt matches: the conversation grew), else a new one."""
+        found = self._lookup(prompt, None)
+        session = None
+        if found is not None:
+            entry, n = found
+            if entry.anonymous and n >= entry.prompt_len and self._try_hold(entry):
+                session = entry
+        if session is None:
+            session = Session(ANON_PREFIX + secrets.token_hex(6), anonymous=True)
+            self.sessions[session.id] = session
+            session.turn.try_acquire()
+        session.prompt_len = len(prompt)
+        return session
+
+    def _hit(self, source: Session, tier: str) -> None:
+        self.prefix_stats["hits_" + tier] += 1
+        self.prefix_stats["hits_anonymous" if source.anonymous else "hits_named"] += 1
+
+    async def _borrow(
+        self, source: Session, prompt: list[int], n: int
+    ) -> tuple[list[Any] | None, int]:
+        """A view of `source`'s first n tokens, `source` untouched: its hot cache shared
+        when idle, else its file read into a cache for this request only."""
+        if source.cache is not None and not source.turn.busy:
+            cache, tier = source.cache, "hot"
+        else:
+            snap = await self._read(source)
+            if snap is None:
+                if not source.turn.busy and source.phase is SessionState.EMPTY:
+                    self._forget(source)
+                return None, 0
+            n = min(n, common_prefix(list(snap.tokens), prompt))  # the file may be newer
+            restore = self.caches.restore
+            cache, tier = await self._on_engine(lambda: restore(snap)), "disk"
+        n = min(n, len(prompt) - 1)
+        if n <= 0:
+            return None, 0
+        self._hit(source, tier)
+        return await self._view(cache, n), n
+
+    async def _view(self, cache: list[Any], n: int) -> list[Any]:
+        caches = self.caches
+        if caches.quantized(cache):
+            quantized = cache
+            cache = await self._on_engine(lambda: caches.full(quantized))
+        return caches.prefix(cache, n)
 
     def detach_blocks(self, session: Session) -> None:
         """The session's blocks were absorbed into its request's reservation: not its own now."""
@@ -275,6 +422,15 @@ class SessionStore:
         The hot cache passes to the request: the session gets a new one when it finishes.
         """
         session.last_used = time.time()
+        if self.prefix_cache:
+            self.prefix_stats["lookups"] += 1
+            found = self._lookup(prompt, session)
+            if found is not None and found[0] is not session:
+                own = self._tokens_of(session)(session.id) or []
+                if min(found[1], len(prompt) - 1) > common_prefix(own, prompt):
+                    self._drop_hot(session)
+                    return await self._borrow(found[0], prompt, found[1])
+        tier = "hot" if session.cache is not None else "disk"
         if session.cache is None and session.disk_tokens:
             await self._load(session)
         cache, tokens = session.cache, session.tokens
@@ -285,11 +441,9 @@ class SessionStore:
         n = min(common_prefix(tokens, prompt), len(prompt) - 1)
         if n <= 0:
             return None, 0
-        caches = self.caches
-        if caches.quantized(cache):
-            quantized = cache
-            cache = await self._on_engine(lambda: caches.full(quantized))
-        return caches.prefix(cache, n), n
+        if self.prefix_cache:
+            self._hit(session, tier)
+        return await self._view(cache, n), n
 
     def commit(
         self,
@@ -316,6 +470,7 @@ class SessionStore:
             self._drop_hot(session)
             session.cache, session.tokens, session.dirty = cache, list(tokens), True
             session.hot_bytes, session.reservation = hot_bytes, reservation
+            self._reindex(session)
             kept = True
         finally:
             if not kept:
@@ -330,6 +485,7 @@ class SessionStore:
         if session.reservation is not None:
             session.reservation.release()
             session.reservation = None
+        self._reindex(session)
 
     async def _read(self, session: Session) -> persistence.Snapshot | None:
         """The session's file, validated; None (quarantined, or a disk error noted) if unusable."""
@@ -353,6 +509,8 @@ class SessionStore:
             elif not session.deleted:  # deleted meanwhile: its file went with it
                 self._note_disk_error(f"load {session.id}: {exc}")
             session.disk_tokens = session.disk_bytes = 0
+            session.disk_token_list = None
+            self._reindex(session)
             return None
 
     async def _load(self, session: Session) -> None:
@@ -364,15 +522,18 @@ class SessionStore:
         session.tokens = list(snap.tokens)
         session.hot_bytes = snap.nbytes
         session.dirty = False
+        session.disk_token_list = list(snap.tokens)
+        self._reindex(session)
         self.restored += 1
 
     # -- spilling and saving ------------------------------------------------------------
 
     async def make_room(self, blocks: int) -> None:
-        """Spill idle hot sessions, least recently used first, until `blocks` are free."""
+        """Spill idle hot sessions, anonymous ones first, least recently used first within
+        each, until `blocks` are free."""
         idle = sorted(
             (s for s in self.sessions.values() if s.cache is not None and not s.turn.busy),
-            key=lambda s: s.last_used,
+            key=_eviction_order,
         )
         for session in idle:
             if self.pool.free >= blocks:
@@ -403,7 +564,8 @@ class SessionStore:
         """Write the hot cache to disk (turn held); False if unchanged or not written."""
         if session.cache is None or not session.dirty:
             return False
-        cache, tokens, kv_bits = session.cache, list(session.tokens), self.kv_bits
+        cache, tokens = session.cache, list(session.tokens)
+        kv_bits = 0 if session.anonymous else self.kv_bits  # anonymous entries stay exact
         snapshot = self.caches.snapshot
         snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits))
         size = await self._write(session, session.id, snap)
@@ -412,6 +574,8 @@ class SessionStore:
         if session.cache is cache:
             session.dirty = False
         session.disk_tokens, session.disk_bytes = len(tokens), size
+        session.disk_token_list = tokens
+        self._reindex(session)
         await self._enforce_disk_budget(keep=session)
         return True
 
@@ -456,7 +620,7 @@ class SessionStore:
     async def _enforce_disk_budget(self, keep: Session) -> None:
         on_disk = sorted(
             (s for s in self.sessions.values() if s.disk_bytes and s is not keep),
-            key=lambda s: s.last_used,
+            key=_eviction_order,
         )
         total = sum(s.disk_bytes for s in on_disk) + keep.disk_bytes
         for session in on_disk:
@@ -476,6 +640,8 @@ class SessionStore:
         except OSError as exc:
             self._note_disk_error(f"delete {session.id}: {exc}")
         session.disk_tokens = session.disk_bytes = 0
+        session.disk_token_list = None
+        self._reindex(session)
 
     def _note_disk_error(self, message: str) -> None:
         log.error("session cache disk error", error=message)
@@ -547,6 +713,7 @@ class SessionStore:
         forked.hot_bytes = source.hot_bytes
         forked.dirty = True
         forked.reservation = reservation
+        self._reindex(forked)
 
     async def _copy_to_disk(
         self, source: Session, forked: Session, snap: persistence.Snapshot
@@ -562,8 +729,30 @@ class SessionStore:
                 },
             )
         forked.disk_tokens, forked.disk_bytes = snap.n_tokens, size or 0
+        forked.disk_token_list = list(snap.tokens)
+        self._reindex(forked)
         if size:
             await self._enforce_disk_budget(keep=forked)
+
+    def anonymous_blocks(self) -> int:
+        """Pool blocks that anonymous entries hold: a cache the next request may evict."""
+        return sum(
+            s.reservation.blocks for s in self.sessions.values() if s.anonymous and s.reservation
+        )
+
+    def prefix_status(self) -> dict[str, Any]:
+        stats = self.prefix_stats
+        hits = stats["hits_hot"] + stats["hits_disk"]
+        anonymous = [s for s in self.sessions.values() if s.anonymous]
+        return {
+            "enabled": self.prefix_cache,
+            **stats,
+            "hit_rate": round(hits / stats["lookups"], 4) if stats["lookups"] else 0.0,
+            "anonymous_entries": len(anonymous),
+            # What anonymous entries hold of the pool (they are not in `sessions/list`).
+            "anonymous_blocks": self.anonymous_blocks(),
+            "indexed": len(self.index),
+        }
 
     def tier_status(self) -> rpc.SessionTierStatus:
         hot = [s for s in self.sessions.values() if s.cache is not None]
@@ -573,3 +762,8 @@ class SessionStore:
             hot_bytes=sum(s.hot_bytes for s in hot),
             disk_bytes=sum(s.disk_bytes for s in self.sessions.values()),
         )
+
+
+def _eviction_order(session: Session) -> tuple[bool, float]:
+    """Anonymous entries go first: a flood of one-off prompts must not starve sessions."""
+    return (not session.anonymous, session.last_used)

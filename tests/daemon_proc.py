@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -10,13 +11,18 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DaemonProcess",
     "RawConnection",
+    "assert_pool_is_the_sessions",
     "block_bytes",
+    "blocks_beyond_anonymous",
     "free_port",
+    "held_blocks",
     "other_tiny_model",
     "short_tmpdir",
 ]
@@ -228,3 +234,28 @@ class RawConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def held_blocks(client: Any, per_block: int) -> int:
+    """Blocks the listed hot sessions and the anonymous entries hold, as the pool counts them."""
+    listed = sum(
+        max(1, math.ceil(s.bytes / per_block)) for s in client.sessions_list() if s.state == "hot"
+    )
+    return listed + int(client.status().details["prefix_cache"]["anonymous_blocks"])
+
+
+def assert_pool_is_the_sessions(client: Any, per_block: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # a reply is sent before its turn's bookkeeping lands: settle first
+        status = client.status()
+        if status.active == 0 and status.queue.depth == 0:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.01)
+    assert status.pool.blocks_used == held_blocks(client, per_block)
+    assert status.sessions.hot_bytes <= status.pool.blocks_total * per_block
+
+
+def blocks_beyond_anonymous(status: Any) -> int:
+    """Pool blocks not held by anonymous entries (sessionless requests keep their caches)."""
+    return int(status.pool.blocks_used - status.details["prefix_cache"]["anonymous_blocks"])

@@ -194,9 +194,33 @@ class Bookkeeping(RuleBasedStateMachine):
             if diverge:
                 base = base[: len(base) // 2]
             prompt = self.conversations[name] = base + self._tokens(grow)
+        self._submit(name, prompt, max_tokens)
+
+    def _submit(self, name: str | None, prompt: list[int], max_tokens: int) -> None:
         params = rpc.GenerateParams(prompt="-", session=name, max_tokens=max_tokens)
         daemon: Any = self.daemon
         self._start("generate", lambda: _admit(daemon, params, prompt, time.perf_counter()))
+
+    @precondition(lambda self: self._cached())
+    @rule(
+        name=st.sampled_from([*NAMES, None]),
+        pick=st.integers(0, 7),
+        cut=st.integers(0, 40),  # a match needs a whole 256-token block in common
+        grow=st.integers(1, 64),
+    )
+    def generate_sharing_a_prefix(self, name: str | None, pick: int, cut: int, grow: int) -> None:
+        """A prompt starting with another entry's tokens (a shared system prompt, a resent
+        sessionless conversation): the prefix cache may borrow or adopt that entry."""
+        cached = self._cached()
+        tokens = cached[pick % len(cached)]
+        prompt = tokens[: max(1, len(tokens) - cut)] + self._tokens(grow)
+        if name is not None:
+            self.conversations[name] = prompt
+        self._submit(name, prompt, 8)
+
+    def _cached(self) -> list[list[int]]:
+        sessions = self.store.sessions.values()
+        return [s.tokens if s.cache is not None else s.disk_token_list or [] for s in sessions]
 
     @precondition(lambda self: self.engine.jobs)
     @rule(
@@ -298,6 +322,19 @@ class Bookkeeping(RuleBasedStateMachine):
         assert sum(s.disk_bytes for s in store.sessions.values()) <= store.disk_budget
 
     @invariant()
+    def the_prefix_index_is_what_sessions_hold(self) -> None:
+        store = self.store
+        indexed = [
+            s
+            for s in store.sessions.values()
+            if (s.cache is not None and s.tokens) or (s.disk_tokens and s.disk_token_list)
+        ]
+        assert all(s.id in store.index for s in indexed) and len(store.index) == len(indexed)
+        for s in store.sessions.values():
+            if s.disk_tokens:
+                assert s.disk_token_list is not None and len(s.disk_token_list) == s.disk_tokens
+
+    @invariant()
     def queue_depth_counts_turn_waiters(self) -> None:
         waiting_turns = sum(s.turn.waiting for s in self.store.sessions.values())
         assert self.store.waiting >= waiting_turns
@@ -327,6 +364,39 @@ class Bookkeeping(RuleBasedStateMachine):
 
 def _deliver(job: Job, outcome: Outcome) -> None:
     job.deliver(Update(outcome=outcome))
+
+
+def test_a_scripted_run_borrows_from_memory_and_disk() -> None:
+    """The random runs seldom line up a whole shared block; this one does, step by step."""
+    machine = Bookkeeping()
+    checks = [getattr(machine, name) for name in dir(Bookkeeping) if name.startswith("the_")]
+    checks += [
+        machine.blocks_are_what_sessions_and_turns_hold,
+        machine.files_are_the_sessions_on_disk,
+    ]
+    steps: list[Callable[[], None]] = [
+        lambda: machine.generate(None, 300, 8, False),  # an anonymous entry
+        lambda: machine.engine_finishes(0, 8, "stop"),
+        lambda: machine.generate_sharing_a_prefix(None, 0, 0, 10),  # resent: adopts it
+        lambda: machine.engine_finishes(0, 8, "stop"),
+        lambda: machine.generate_sharing_a_prefix("a", 0, 0, 10),  # borrows the hot cache
+        lambda: machine.engine_finishes(0, 8, "stop"),
+        lambda: machine.save(None),
+        lambda: machine.spill(8),  # every cache to disk
+        lambda: machine.generate_sharing_a_prefix("b", 1, 0, 10),  # borrows a file
+        lambda: machine.engine_finishes(0, 8, "stop"),
+    ]
+    try:
+        for step in steps:
+            step()
+            for check in checks:
+                check()
+        stats = machine.store.prefix_stats
+        assert stats["hits_anonymous"] >= 2 and stats["hits_hot"] >= 2, stats
+        assert stats["hits_disk"] >= 1, stats
+        assert sum(s.anonymous for s in machine.store.sessions.values()) == 1
+    finally:
+        machine.teardown()
 
 
 TestBookkeeping = Bookkeeping.TestCase

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection, short_tmpdir
+from .daemon_proc import DaemonProcess, RawConnection, blocks_beyond_anonymous, short_tmpdir
 
 CODEC_CODES = {rpc.ErrorCode.PARSE_ERROR, rpc.ErrorCode.INVALID_REQUEST}
 ALL_CODES = set(rpc.ErrorCode)
@@ -671,7 +671,7 @@ def test_idle_close_answers_the_requests_in_flight(daemon: DaemonProcess) -> Non
         deadline = time.monotonic() + 30
         while (status := client.status()).active:
             assert time.monotonic() < deadline
-        assert status.pool.blocks_used == 0
+        assert blocks_beyond_anonymous(status) == 0
 
 
 def test_new_top_p_and_min_p_values_do_not_stall_the_engine(daemon: DaemonProcess) -> None:

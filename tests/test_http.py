@@ -21,7 +21,7 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, free_port, short_tmpdir
+from .daemon_proc import DaemonProcess, blocks_beyond_anonymous, free_port, short_tmpdir
 
 try:  # newer anthropic SDKs are built on httpx2 and refuse httpx objects
     import httpx2 as anthropic_httpx
@@ -70,7 +70,7 @@ class Served:
             deadline = time.monotonic() + 30
             while True:
                 status = client.status()
-                if status.active == 0 and status.pool.blocks_used == 0:
+                if status.active == 0 and blocks_beyond_anonymous(status) == 0:
                     return
                 assert time.monotonic() < deadline, status
                 time.sleep(0.05)

@@ -16,7 +16,7 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, free_port, short_tmpdir
+from .daemon_proc import DaemonProcess, blocks_beyond_anonymous, free_port, short_tmpdir
 
 LONG = {"model": "x", "prompt": "count", "max_tokens": 4000, "stream": True}
 
@@ -96,7 +96,7 @@ def test_flooded_daemon_is_rate_limited_with_retry_after(flooded: DaemonProcess)
     running.stop = queued.stop = True  # leaving cancels both; the engine empties
     running.join(30)
     queued.join(30)
-    wait_status(flooded, lambda s: s.active == 0 and s.pool.blocks_used == 0)
+    wait_status(flooded, lambda s: s.active == 0 and blocks_beyond_anonymous(s) == 0)
     client.close()
 
 

@@ -16,7 +16,7 @@ from mlxd.client import Client
 from mlxd.daemon.gguf import read_header
 from mlxd.daemon.smollm2 import smollm2_gguf
 
-from .daemon_proc import DaemonProcess, short_tmpdir
+from .daemon_proc import DaemonProcess, blocks_beyond_anonymous, short_tmpdir
 
 MODEL = "builtin:smollm2"
 IM_START, IM_END = 1, 2
@@ -92,7 +92,7 @@ def _pool_holds_only_sessions(client: Client) -> None:
         -(-s.tokens // status.pool.block_tokens) for s in client.sessions_list() if s.state == "hot"
     )
     assert status.active == 0 and status.queue.depth == 0
-    assert status.pool.blocks_used == held
+    assert blocks_beyond_anonymous(status) == held
 
 
 def test_the_default_model_is_smollm2_with_float32_weights_on_cpu(smollm2: RealDaemon) -> None:

@@ -4,7 +4,6 @@ test the pool holds exactly the blocks of the sessions that remain."""
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,7 +15,13 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection, block_bytes, short_tmpdir
+from .daemon_proc import (
+    DaemonProcess,
+    RawConnection,
+    assert_pool_is_the_sessions,
+    block_bytes,
+    short_tmpdir,
+)
 
 MORE = " more words " * 30  # ~60 tokens: four turns cross at least one block boundary
 LONG = 400  # tokens of a turn that is still running while the test races it
@@ -48,25 +53,6 @@ def _budget(model_cache: Path, blocks: int) -> str:
         DaemonProcess(scratch, model_cache).start().stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return str(blocks * block_bytes(model_cache))
-
-
-def _held_blocks(client: Client, per_block: int) -> int:
-    """Blocks the listed hot sessions hold, as the pool counts them."""
-    return sum(
-        max(1, math.ceil(s.bytes / per_block)) for s in client.sessions_list() if s.state == "hot"
-    )
-
-
-def _assert_pool_is_the_sessions(client: Client, per_block: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:  # a reply is sent before its turn's bookkeeping lands: settle first
-        status = client.status()
-        if status.active == 0 and status.queue.depth == 0:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(0.01)
-    assert status.pool.blocks_used == _held_blocks(client, per_block)
-    assert status.sessions.hot_bytes <= status.pool.blocks_total * per_block
 
 
 def _wait_queued(client: Client, depth: int) -> None:
@@ -114,7 +100,7 @@ def test_growing_turns_free_every_block_on_delete(folder: Path, model_cache: Pat
         prompt = "A conversation that keeps growing." + MORE
         for _ in range(4):
             reply = client.generate(prompt, session="grow", max_tokens=8)
-            _assert_pool_is_the_sessions(client, per_block)
+            assert_pool_is_the_sessions(client, per_block)
             prompt = prompt + reply.text + MORE
         assert client.sessions_get("grow").tokens > 2 * 256  # crossed block boundaries
         assert client.sessions_delete("grow") is True
@@ -143,12 +129,12 @@ def test_delete_of_a_busy_session_discards_the_turn_and_refuses_the_queued_one(
             running.close()
             queued.close()
             assert client.sessions_delete("busy") is True
-            _assert_pool_is_the_sessions(client, per_block)
+            assert_pool_is_the_sessions(client, per_block)
             assert client.status().pool.blocks_used == 0
         # Nothing leaked: a request needing most of the pool is served.
         big = client.generate("x " * 700, max_tokens=8)
         assert big.usage.prompt_tokens > 5 * 256 - 8
-        _assert_pool_is_the_sessions(client, per_block)
+        assert_pool_is_the_sessions(client, per_block)
 
 
 def test_fork_onto_a_name_created_while_it_waited_is_refused(
@@ -168,7 +154,7 @@ def test_fork_onto_a_name_created_while_it_waited_is_refused(
         assert client.sessions_get("dst").tokens == tokens  # not replaced
         running.close()
         fork.close()
-        _assert_pool_is_the_sessions(client, per_block)
+        assert_pool_is_the_sessions(client, per_block)
         for name in ("src", "dst"):
             assert client.sessions_delete(name) is True
         assert client.status().pool.blocks_used == 0
@@ -186,7 +172,7 @@ def test_two_identical_forks_at_once_one_wins(folder: Path, model_cache: Path) -
         assert client.sessions_get("twin").tokens == client.sessions_get("twin-src").tokens
         for conn in (running, *forks):
             conn.close()
-        _assert_pool_is_the_sessions(client, per_block)
+        assert_pool_is_the_sessions(client, per_block)
         for name in ("twin", "twin-src"):
             assert client.sessions_delete(name) is True
         assert client.status().pool.blocks_used == 0
@@ -207,7 +193,7 @@ def test_forks_stay_within_the_kv_budget(folder: Path, model_cache: Path) -> Non
             status = client.status()
             assert status.pool.blocks_used <= status.pool.blocks_total
             assert status.sessions.hot_bytes <= 4 * per_block
-            _assert_pool_is_the_sessions(client, per_block)
+            assert_pool_is_the_sessions(client, per_block)
         # Each copy resumes exactly, from memory or disk.
         follow = prompt + " And then?"
         cold = client.generate(follow, max_tokens=8)
@@ -215,7 +201,7 @@ def test_forks_stay_within_the_kv_budget(folder: Path, model_cache: Path) -> Non
             warm = client.generate(follow, session=f"copy-{i}", max_tokens=8)
             assert warm.usage.cached_tokens >= base.tokens - 8
             assert warm.tokens == cold.tokens
-            _assert_pool_is_the_sessions(client, per_block)
+            assert_pool_is_the_sessions(client, per_block)
         for name in ("base", *(f"copy-{i}" for i in range(4))):
             assert client.sessions_delete(name) is True
         assert client.status().pool.blocks_used == 0
@@ -232,7 +218,7 @@ def test_delete_on_a_read_only_folder_forgets_the_session_and_reports_the_file(
         errors = client.status().details["disk_errors"]
         assert any("delete stuck" in e and "Read-only" in e for e in errors), errors
         assert client.status().pool.blocks_used == 0
-        _assert_pool_is_the_sessions(client, per_block)
+        assert_pool_is_the_sessions(client, per_block)
 
 
 def test_a_turn_waiting_for_its_session_counts_in_the_queue_and_reports_its_prompt(
@@ -253,6 +239,6 @@ def test_a_turn_waiting_for_its_session_counts_in_the_queue_and_reports_its_prom
         assert _error_code(running, 1) is None
         running.close()
         queued.close()
-        _assert_pool_is_the_sessions(client, per_block)
+        assert_pool_is_the_sessions(client, per_block)
         assert client.sessions_delete("line") is True
         assert client.status().pool.blocks_used == 0

@@ -20,7 +20,13 @@ from mlxd import rpc
 from mlxd.client import Client
 from mlxd.daemon.builtin_model import ensure_builtin
 
-from .daemon_proc import DaemonProcess, RawConnection, block_bytes, short_tmpdir
+from .daemon_proc import (
+    DaemonProcess,
+    RawConnection,
+    block_bytes,
+    blocks_beyond_anonymous,
+    short_tmpdir,
+)
 
 POOL_BLOCKS = 4  # 1024 tokens: one long request fills it
 PREFILL_CHUNK = 64  # prompt tokens per engine step: a 1000-token prompt takes 16 steps
@@ -47,7 +53,7 @@ def _wait(client: Client, ok: Callable[[rpc.StatusResult], bool], what: str) -> 
 
 
 def _idle(status: rpc.StatusResult) -> bool:
-    return status.active == 0 and status.pool.blocks_used == 0 and status.queue.depth == 0
+    return status.active == 0 and blocks_beyond_anonymous(status) == 0 and status.queue.depth == 0
 
 
 def _steps(status: rpc.StatusResult) -> int:
