@@ -34,7 +34,9 @@ MLX_MARGIN = 1024**2
 @pytest.fixture(scope="module")
 def soaked(model_cache: Path) -> Iterator[DaemonProcess]:
     folder = short_tmpdir()
-    proc = DaemonProcess(folder, model_cache).start()
+    # Named sessions only: the baseline needs every cache gone, and anonymous prefix-cache
+    # entries cannot be deleted by a client (tests/test_prefix_cache.py covers them).
+    proc = DaemonProcess(folder, model_cache, "--prefix-cache", "off").start()
     yield proc
     proc.stop()
     shutil.rmtree(folder, ignore_errors=True)
