@@ -35,7 +35,7 @@ __all__ = [
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mlxd.daemon.paths import cache_dir  # noqa: E402  (mlxd.daemon loads OpenBLAS first)
+from mlxd.paths import cache_dir  # noqa: E402  (mlxd.daemon loads OpenBLAS first)
 
 # Where the built-in models are generated on first use: $MLXD_CACHE_DIR, else the daemon's
 # default, so the benchmark and the daemon share one copy.

@@ -36,8 +36,8 @@ LOADER = r"""
 import json, os, sys, time
 from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx
-from mlxd.daemon import persistence
-from mlxd.daemon.model import load_model
+from mlxd.daemon.kv import persistence
+from mlxd.daemon.models.model import load_model
 
 m = load_model(sys.argv[1], Path(os.environ["MLXD_CACHE_DIR"]))
 out = {}

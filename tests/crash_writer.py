@@ -6,7 +6,7 @@ a writer per "fork" line on stdin and prints "child PID"; the child writes versi
 write and "PID wrote K" after it, forever, until the test SIGKILLs it; then this process
 prints "reaped PID SIGNAL" and waits for the next line.
 
-The writers run daemon/persistence.py's own write_snapshot, loaded from its file with
+The writers run daemon/kv/persistence.py's own write_snapshot, loaded from its file with
 stand-ins for mlx and mlx-lm: their imports take over a second (mlx-lm imports
 transformers) and start thread pools, and forking a process with those threads can
 hang. Writing a file needs neither; only numpy and safetensors.
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-PERSISTENCE = Path(__file__).resolve().parent.parent / "daemon" / "persistence.py"
+PERSISTENCE = Path(__file__).resolve().parent.parent / "daemon" / "kv" / "persistence.py"
 
 
 def _load_persistence() -> types.ModuleType:

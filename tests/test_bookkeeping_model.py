@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mlxd import rpc
-from mlxd.daemon import persistence
-from mlxd.daemon.engine import Job, Outcome, Update
-from mlxd.daemon.generation import _admit
-from mlxd.daemon.pool import BlockPool
-from mlxd.daemon.sessions import CacheOps, ModelShape, Session, SessionStore
-from mlxd.daemon.turns import Turn
+from mlxd.daemon.engine.engine import Job, Outcome, Update
+from mlxd.daemon.engine.generation import _admit
+from mlxd.daemon.kv import persistence
+from mlxd.daemon.kv.pool import BlockPool
+from mlxd.daemon.kv.sessions import CacheOps, ModelShape, Session, SessionStore
+from mlxd.daemon.kv.turns import Turn
 
 BLOCK = 256
 HEAD_DIM = 2

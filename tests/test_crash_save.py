@@ -17,9 +17,9 @@ from typing import IO
 import numpy as np
 
 from mlxd.client import Client
-from mlxd.daemon import persistence
-from mlxd.daemon.builtin_model import BUILTIN_MODELS, ensure_builtin
-from mlxd.daemon.model import fingerprint
+from mlxd.daemon.kv import persistence
+from mlxd.daemon.models.builtin_model import BUILTIN_MODELS, ensure_builtin
+from mlxd.daemon.models.model import fingerprint
 
 from . import crash_writer
 from .daemon_proc import DaemonProcess

@@ -1,4 +1,4 @@
-"""mlxd.daemon.persistence: exact round-trips on the tiny model, validation, atomic writes."""
+"""mlxd.daemon.kv.persistence: exact round-trips on the tiny model, validation, atomic writes."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import safetensors.numpy
 from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from mlxd.daemon import persistence as P
-from mlxd.daemon.builtin_model import ensure_builtin
-from mlxd.daemon.persistence import CacheFileError
+from mlxd.daemon.kv import persistence as P
+from mlxd.daemon.kv.persistence import CacheFileError
+from mlxd.daemon.models.builtin_model import ensure_builtin
 
 FP = "fingerprint-of-the-test-model"
 # <|bos|> then bytes: the built-in tokenizer maps bytes to ids 0..255.

@@ -15,12 +15,12 @@ import structlog
 
 from mlxd import rpc
 
-from . import faults
+from .. import faults
+from ..transport.server import RequestContext
 from .engine import Job, Outcome, Update
-from .server import RequestContext
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from ..service.service import Daemon
 
 __all__ = ["generate"]
 

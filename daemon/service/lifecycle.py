@@ -35,8 +35,8 @@ from anyio.abc import (
 
 from mlxd.rpc import check_socket_path
 
-from .activation import inherited_socket
-from .config import Config
+from ..config import Config
+from ..transport.activation import inherited_socket
 from .idle import IdleWatcher
 from .service import Daemon, State
 

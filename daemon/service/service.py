@@ -19,17 +19,17 @@ import structlog
 import mlxd
 from mlxd import rpc
 
-from . import BLAS, faults
-from .bridge import LoopBridge
-from .config import Config
-from .engine import Engine, Job, Update
-from .generation import generate
-from .http import HttpFront
-from .model import LoadedModel, load_model
-from .pool import BlockPool
-from .server import RequestContext, RpcServer
-from .sessions import ModelShape, SessionStore
-from .turns import Turn
+from .. import BLAS, faults
+from ..config import Config
+from ..engine.bridge import LoopBridge
+from ..engine.engine import Engine, Job, Update
+from ..engine.generation import generate
+from ..kv.pool import BlockPool
+from ..kv.sessions import ModelShape, SessionStore
+from ..kv.turns import Turn
+from ..models.model import LoadedModel, load_model
+from ..transport.http import HttpFront
+from ..transport.server import RequestContext, RpcServer
 
 __all__ = ["Daemon", "State"]
 

@@ -12,13 +12,11 @@ import hmac
 import ipaddress
 import itertools
 import math
-import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,6 +26,7 @@ import structlog
 from anyio.abc import ByteStream, SocketListener
 
 from mlxd import rpc
+from mlxd.paths import load_token
 from mlxd.rpc import anthropic as an
 from mlxd.rpc import openai as oa
 from mlxd.rpc.errors import UNDECODABLE
@@ -35,13 +34,12 @@ from mlxd.rpc.errors import UNDECODABLE
 from .server import RequestContext, _hung_up
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from ..service.service import Daemon
 
 __all__ = ["HttpFront", "load_token", "parse_http_address"]
 
 log = structlog.get_logger("mlxd.http")
 MAX_HEADER_BYTES = 16 * 1024
-TOKEN_FILE = "api-token"
 _STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _request_ids = itertools.count(1)
 _encode = msgspec.json.encode
@@ -88,23 +86,6 @@ def parse_http_address(text: str, allow_remote: bool) -> tuple[str, int]:
             "model. Add --http-allow-remote to mean it."
         )
     return host, int(port)
-
-
-def load_token(state_dir: Path) -> str:
-    """$MLXD_API_KEY, else the token in the state folder, made (0600) on first use."""
-    if os.environ.get("MLXD_API_KEY"):
-        return os.environ["MLXD_API_KEY"]
-    path = state_dir / TOKEN_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = "mlxd-" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
 
 
 class _Refused(Exception):

@@ -38,7 +38,8 @@ import structlog
 
 from mlxd import rpc
 
-from . import faults, persistence
+from .. import faults
+from . import persistence
 from .pool import BlockPool, Reservation
 from .prefix_index import PrefixIndex
 from .turns import Turn
