@@ -27,11 +27,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from mlxd import rpc
 from mlxd.daemon.engine.engine import Job, Outcome, Update
-from mlxd.daemon.engine.generation import _admit
 from mlxd.daemon.kv import persistence
 from mlxd.daemon.kv.pool import BlockPool
 from mlxd.daemon.kv.sessions import CacheOps, ModelShape, Session, SessionStore
 from mlxd.daemon.kv.turns import Turn
+from mlxd.daemon.service.generation import _admit
 
 BLOCK = 256
 HEAD_DIM = 2

@@ -106,30 +106,38 @@ def test_no_import_cycle_between_modules() -> None:
     assert _cycles(graph) == []
 
 
-_LOADED_MLX = (
-    "import sys; print(sorted(m for m in sys.modules"
-    " if m.split('.')[0] in ('mlx', 'mlx_lm') or m.startswith('mlxd.daemon')))"
-)
+_LOADED_MLX = """
+import sys
+def loaded():
+    names = (m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm"))
+    print(sorted([*names, *(m for m in sys.modules if m.startswith("mlxd.daemon"))]))
+    sys.stdout.flush()
+"""
 
 
 def test_importing_the_client_loads_no_mlx() -> None:
-    code = f"import mlxd.client; {_LOADED_MLX}"
+    code = f"{_LOADED_MLX}\nimport mlxd.client\nloaded()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("command", ["status", "generate", "chat", "token"])
 def test_a_client_command_loads_no_mlx(command: str) -> None:
-    # `mlxd <command> --help` as the entry point runs it; --help exits, the atexit hook reports.
+    # `mlxd <command> --help` as the entry point runs it; --help exits, atexit reports.
     code = (
-        "import atexit, sys; "
-        f"atexit.register(lambda: ({_LOADED_MLX}, sys.stdout.flush())); "
-        "from mlxd.cli import main; "
-        f"sys.exit(main(['{command}', '--help']))"
+        f"{_LOADED_MLX}\nimport atexit\natexit.register(loaded)\n"
+        f"from mlxd.cli import main\nsys.exit(main([{command!r}, '--help']))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert f"usage: mlxd {command}" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_loaded_check_sees_mlx() -> None:
+    # The same check after a daemon command's parser: it must name what it loaded.
+    code = f"{_LOADED_MLX}\nimport mlxd.daemon.service.status\nloaded()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "mlx.core" in out.stdout and "mlxd.daemon" in out.stdout
 
 
 def test_the_entry_point_is_the_dispatcher() -> None:

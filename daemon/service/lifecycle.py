@@ -37,6 +37,7 @@ from mlxd.rpc import check_socket_path
 
 from ..config import Config
 from ..transport.activation import inherited_socket
+from .handlers import methods
 from .idle import IdleWatcher
 from .service import Daemon, State
 
@@ -268,11 +269,17 @@ def _watch_idle(daemon: Daemon, tg: TaskGroup) -> None:
     tg.start_soon(_exit_when_idle, daemon, watcher)
 
 
+def _daemon(config: Config) -> Daemon:
+    daemon = Daemon(config)
+    daemon.server.handlers.update(methods(daemon))
+    return daemon
+
+
 async def run_daemon(
     config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     config.validate()
-    daemon = Daemon(config)
+    daemon = _daemon(config)
     with _listening_socket(config) as sock:
 
         async def serve(tg: TaskGroup) -> None:
@@ -306,7 +313,7 @@ async def run_daemon(
 async def run_stdio(config: Config) -> None:
     """Serve one peer on stdin/stdout (an editor that spawns its sidecar); exit at its EOF."""
     config.validate()
-    daemon = Daemon(config)
+    daemon = _daemon(config)
 
     async def serve(tg: TaskGroup) -> None:
         async def serve_peer() -> None:

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import h11
@@ -31,12 +31,15 @@ from mlxd.rpc import anthropic as an
 from mlxd.rpc import openai as oa
 from mlxd.rpc.errors import UNDECODABLE
 
-from .server import RequestContext, _hung_up
+from .server import RequestContext, RpcServer, _hung_up
 
 if TYPE_CHECKING:
-    from ..service.service import Daemon
+    import enum
 
-__all__ = ["HttpFront", "load_token", "parse_http_address"]
+    from ..config import Config
+    from ..models.model import LoadedModel
+
+__all__ = ["HttpFront", "Served", "load_token", "parse_http_address"]
 
 log = structlog.get_logger("mlxd.http")
 MAX_HEADER_BYTES = 16 * 1024
@@ -193,10 +196,23 @@ _ROUTES: dict[str, tuple[str, str]] = {  # path -> (method, handler name)
 }
 
 
+class Served(Protocol):
+    """What the HTTP front reads of the daemon it fronts."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def server(self) -> RpcServer: ...
+    @property
+    def model(self) -> LoadedModel: ...
+    @property
+    def state(self) -> enum.Enum: ...
+
+
 class HttpFront:
     """The daemon's HTTP side: settings, the API token, one `_Conn` per connection."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Served) -> None:
         self.daemon = daemon
         self.token: str | None = None  # needed on TCP only; loaded when a TCP port is opened
         self.cors: str | None = daemon.config.http_cors
@@ -359,7 +375,9 @@ class _Conn:
 
     async def _health(self, path: str, body: bytes, session: str | None) -> None:
         ctx = self._context("status")
-        status: rpc.StatusResult = await self.daemon.status(rpc.EmptyParams(), ctx)
+        status: rpc.StatusResult = await self.daemon.server.handlers["status"](
+            rpc.EmptyParams(), ctx
+        )
         life = self.daemon.state.value  # swapping or draining: not ready, whatever the load
         state = status.state if life == "ok" else life
         payload = {
