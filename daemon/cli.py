@@ -78,7 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .logs import configure_logging
     from .models.model import ModelLoadError
-    from .service.lifecycle import SocketSetupError, run_daemon, run_stdio
+    from .service.lifecycle import run_daemon, run_stdio
+    from .transport.listeners import SocketSetupError
 
     try:
         config = _config(args, http)
