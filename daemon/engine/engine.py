@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from .. import faults
-from ..kv.persistence import quantize_cache
+from ..kv.snapshot import quantize_cache
 from ..metrics import LatencyWindow
 from .sampling import make_sampler
 from .textstream import TextAssembler
