@@ -1,1 +1,1 @@
-"""The engine: the BatchGenerator thread, sampling, text assembly, and the generate method."""
+"""The engine: the BatchGenerator thread, sampling, text assembly, and the loop bridge."""
