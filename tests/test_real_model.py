@@ -154,10 +154,32 @@ def test_streamed_multibyte_deltas_are_whole_characters(
         assert any("\ufffd" in tok.decode([t]) for t in result.tokens)
     for i, d in enumerate(deltas):
         d.encode("utf-8")  # no lone surrogate: each delta is valid UTF-8 on its own
-        if i == len(deltas) - 1 and result.finish_reason == "length":
-            # Cut by max_tokens inside a character: its bytes decode as one U+FFFD at the end.
-            d = d.removesuffix("\ufffd")
+        # Not even the last one when max_tokens cuts a character: the text ends before it.
         assert "\ufffd" not in d, (i, d)
+
+
+def test_text_cut_inside_a_character_ends_before_it(smollm2: RealDaemon) -> None:
+    """max_tokens may stop generation between the tokens of one character: the text ends at
+    the last whole character instead of a U+FFFD."""
+    with Client(smollm2.socket) as client:
+        folder = Path(client.models_current().path)
+    import mlxd.daemon  # noqa: F401  (OpenBLAS before mlx, which the tokenizer loader imports)
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlxd.daemon.engine.textstream import TextAssembler
+
+    tokenizer = load_tokenizer(folder)
+    text = "Voilà 日本 🙂"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    cuts = [n for n in range(1, len(tokens)) if tokenizer.decode(tokens[:n]).endswith("\ufffd")]
+    assert cuts, tokens  # the emoji (at least) spans several tokens
+    for n in cuts:
+        assembler = TextAssembler(tokenizer.detokenizer, [])
+        streamed = "".join(assembler.add(t) for t in tokens[:n]) + assembler.finish()
+        assert streamed == assembler.text
+        assert "\ufffd" not in streamed, (n, streamed)
+        assert text.startswith(streamed), (n, streamed)
+        assert len(streamed) >= len(tokenizer.decode(tokens[:n]).rstrip("\ufffd"))
 
 
 def test_eight_concurrent_greedy_requests_equal_one_at_a_time(smollm2: RealDaemon) -> None:

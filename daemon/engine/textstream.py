@@ -36,7 +36,9 @@ class TextAssembler:
         if self.stopped:
             return ""
         self._detok.finalize()
-        self._pending += self._detok.last_segment
+        # Generation cut inside a character (max_tokens) leaves bytes that decode as U+FFFD:
+        # the text ends at the last whole character (the tokens still hold those bytes).
+        self._pending += self._detok.last_segment.rstrip("\ufffd")
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
