@@ -23,6 +23,7 @@ def _replies(proc: DaemonProcess, count: int, max_tokens: int = 8) -> list[rpc.R
     out: list[rpc.Response | BaseException] = [RuntimeError("no reply")] * count
 
     def one(i: int) -> None:
+        conn: RawConnection | None = None
         try:
             conn = RawConnection(proc.socket, timeout=30)
             params = {
@@ -35,9 +36,11 @@ def _replies(proc: DaemonProcess, count: int, max_tokens: int = 8) -> list[rpc.R
             reply = conn.reply(1)
             assert isinstance(reply, rpc.Response)
             out[i] = reply
-            conn.close()
         except BaseException as exc:
             out[i] = exc
+        finally:
+            if conn is not None:
+                conn.close()  # also after a timeout: an open socket would warn in a later test
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     for t in threads:
