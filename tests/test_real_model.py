@@ -164,6 +164,8 @@ def test_text_cut_inside_a_character_ends_before_it(smollm2: RealDaemon) -> None
     with Client(smollm2.socket) as client:
         folder = Path(client.models_current().path)
     import mlxd.daemon  # noqa: F401  (OpenBLAS before mlx, which the tokenizer loader imports)
+
+    # isort: split
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from mlxd.daemon.engine.textstream import TextAssembler
