@@ -374,13 +374,13 @@ def _held_blocks(admin: Client, block_bytes: int) -> int:
     return held
 
 
-def _fds_at_rest(pid: int, expect: int | None) -> int:
+def _fds_at_rest(pid: int, expect: int | None) -> int | None:
     """Open fds with no client but the admin connected; after the load, wait (up to the
     request timeout) for the daemon to close what the clients left, until `expect`."""
     deadline = time.monotonic() + REQUEST_TIMEOUT_S
     while True:
         n = open_fds(pid)
-        if expect is None or n <= expect or time.monotonic() > deadline:
+        if expect is None or n is None or n <= expect or time.monotonic() > deadline:
             return n
         time.sleep(0.5)
 
@@ -402,6 +402,8 @@ def headline(res: dict[str, Any]) -> list[str]:
     ok = (
         pct is not None
         and pct < TARGET_RSS_GROWTH_PCT
+        and fds["before"] is not None
+        and fds["after"] is not None
         and fds["after"] <= fds["before"]
         and errors == 0
         and res["stalls"] == 0
