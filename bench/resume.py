@@ -75,7 +75,7 @@ import mlxd.daemon  # OpenBLAS before mlx
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
-from mlxd.daemon.model import load_model
+from mlxd.daemon.models.model import load_model
 
 m = load_model(sys.argv[1], Path(os.environ["MLXD_CACHE_DIR"]))
 
