@@ -281,6 +281,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
             return got
 
         measured: list[dict[str, Any]] = []
+        failed: list[str] = []
         for k in range(rounds):
             order = ("mlx_lm.server", "mlxd", "mlxd_http")
             order = order if k % 2 == 0 else order[::-1]
@@ -289,9 +290,14 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 own = {"mlxd_http": prompts(n, f".{n}.{k}.http")}
                 for kind in ("cold", "repeat"):
                     got: dict[str, Any] = {"round": k, "n": n, "kind": kind}
-                    for side in order:
-                        mine = own.get(side, fresh) if kind == "cold" else fresh
-                        got[side] = measure(side, n, mine)
+                    try:
+                        for side in order:
+                            mine = own.get(side, fresh) if kind == "cold" else fresh
+                            got[side] = measure(side, n, mine)
+                    except OSError as exc:  # a server that drops connections loses this pair only
+                        failed.append(f"round {k + 1}, {n} clients, {kind}, {side}: {exc!r}")
+                        log(f"  {failed[-1]}")
+                        continue
                     measured.append(got)
                     d_tps, s_tps = got["mlxd"]["tps"], got["mlx_lm.server"]["tps"]
                     h_tps = got["mlxd_http"]["tps"]
@@ -303,6 +309,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     rows = []
     for n, kind in ((n, kind) for kind in ("cold", "repeat") for n in counts):
         ps = [p for p in measured if p["n"] == n and p["kind"] == kind]
+        if not ps:
+            continue
         d_tps = [p["mlxd"]["tps"] for p in ps]
         s_tps = [p["mlx_lm.server"]["tps"] for p in ps]
         ratios = [d / s for d, s in zip(d_tps, s_tps, strict=True)]
@@ -351,6 +359,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         "server_start_s": server.start_s,
         "server_args": "defaults (--decode-concurrency 32, --prompt-concurrency 8)",
         "rows": rows,
+        "failed": failed,
     }
 
 
@@ -412,7 +421,12 @@ def section(res: dict[str, Any], throughput: dict[str, Any] | None = None) -> li
         "",
         "TTFT here is the client's (send to first text). `same text`: replies identical between the "
         "two servers. The throughput suite's mlxd column was measured at another time (other load); "
-        "the ratio uses the paired numbers only.",
+        "the ratio uses the paired numbers only."
+        + (
+            " Pairs lost (a side dropped its connections): " + "; ".join(res["failed"]) + "."
+            if res.get("failed")
+            else ""
+        ),
         "",
     ]
     return lines
