@@ -28,6 +28,7 @@ __all__ = [
     "loadavg",
     "machine",
     "median",
+    "pairs",
     "percentiles",
     "run_python",
 ]
@@ -278,3 +279,10 @@ def machine(status: Any | None = None) -> dict[str, Any]:
         info["model_fingerprint"] = status.model.fingerprint[:16]
         info["context_length"] = status.model.context_length
     return info
+
+
+def pairs(ratios: list[float]) -> str:
+    """The median of paired ratios and their spread, as the headline rows give it."""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x (1 pair)"
+    return f"{median(ratios):.2f}x (pairs {min(ratios):.2f}-{max(ratios):.2f}, n={len(ratios)})"

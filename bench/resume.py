@@ -14,8 +14,10 @@ ratio is taken against the cold turn of the same process.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,53 @@ for name in sys.argv[2:]:
             kvsnap.restore(snap)  # evaluates the mlx arrays
             row[key].append((time.perf_counter() - t0) * 1000)
     out[name] = row
+print(json.dumps(out))
+"""
+
+
+FLOOR = r"""
+# The hot turn's floor, in-process with mlx-lm: the turn's prompt with its first `cached`
+# tokens already in a KV cache; timed: stream_generate on the rest with that cache, up to
+# its second token (the prefill of the new tokens and one decode step), greedy. Every
+# repeat starts from a copy of the same cache; one untimed repeat first.
+import json, os, sys, time
+from pathlib import Path
+import mlxd.daemon  # OpenBLAS before mlx
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+from mlxd.daemon.models.model import load_model
+
+m = load_model(sys.argv[1], Path(os.environ["MLXD_CACHE_DIR"]))
+
+def run(tokens, cache):
+    for _ in stream_generate(m.model, m.tokenizer, tokens, max_tokens=2, prompt_cache=cache):
+        pass
+
+def copy(states):
+    cache = make_prompt_cache(m.model)
+    for c, state in zip(cache, states):
+        c.state = state
+    return cache
+
+out = []
+for row in json.loads(Path(sys.argv[2]).read_text()):
+    tokens = list(m.tokenizer.encode(row["prompt"]))
+    cached, new = tokens[: row["cached"]], tokens[row["cached"] :]
+    base = make_prompt_cache(m.model)
+    run(cached, base)  # leaves the prompt and the first generated token in the cache
+    for c in base:
+        c.trim(c.offset - len(cached))
+    states = [c.state for c in base]
+    mx.eval(states)
+    times = []
+    for k in range(int(sys.argv[3]) + 1):
+        cache = copy(states)
+        t0 = time.perf_counter()
+        run(new, cache)
+        if k:
+            times.append((time.perf_counter() - t0) * 1000)
+    out.append({"cached": len(cached), "new": len(new), "ms": times})
 print(json.dumps(out))
 """
 
@@ -170,6 +219,7 @@ def _size(
         "size": n,
         "session_tokens": info.tokens,
         "prompt_tokens": cold[0]["prompt_tokens"],
+        "cold_cached_tokens": max(x["cached_tokens"] for x in cold + cold2),
         "cached_tokens": hot[0]["cached_tokens"],
         "disk_cached_tokens": disk[0]["cached_tokens"],
         "prefilled_tokens": hot[0]["prompt_tokens"] - hot[0]["cached_tokens"],
@@ -195,6 +245,7 @@ def _size(
         "save_ms_per_1k": median(save_s) * 1000 / per_1k,
         # restoring from disk (read, validate, into MLX) beyond what the hot turn costs
         "restore_ms": disk_ms - hot_ms,
+        "follow": follow,
         "restore_ms_per_1k": (disk_ms - hot_ms) / per_1k,
         "restart_s": restart_s,
         "warmup_ttft_ms": warm,
@@ -212,7 +263,9 @@ def _size(
 def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = []
-    with Daemon(model) as daemon:
+    # Cold means cold: with the prefix cache on, a sessionless turn would reuse the session's
+    # blocks. Named sessions keep their caches either way.
+    with Daemon(model, "--prefix-cache", "off") as daemon:
         with Client(daemon.socket) as c:
             c.generate("warm up", max_tokens=4)
             status = c.status()
@@ -237,6 +290,7 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
         except Exception as exc:  # the persistence module is internal: report, do not fail
             log(f" could not time the reads: {exc}")
             loads = {}
+        _floor(model, rows, repeats=3 if quick else 5, log=log)
         for r in rows:
             got = loads.get(r["disk_file"])
             if got:
@@ -244,6 +298,10 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
                 r["read_ms_per_1k"] = median(got["page_cache_ms"]) / per_1k
                 r["read_dropped_ms_per_1k"] = median(got["dropped_ms"]) / per_1k
                 r["read_samples"] = got
+                # what a disk turn may cost: the hot turn + reading and restoring its file
+                r["disk_bound_ms"] = r["hot_ttft_ms"] + median(got["dropped_ms"])
+    for r in rows:
+        r.pop("follow", None)
     return {
         "status": status,
         "rows": rows,
@@ -251,3 +309,22 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
         "new_message": NEW_MESSAGE,
         "sigterm_exit_codes_ok": code == 0,
     }
+
+
+def _floor(model: str, rows: list[dict[str, Any]], repeats: int, log: Any) -> None:
+    """The in-process floor of each row's hot turn (daemon stopped), and hot TTFT / floor."""
+    spec = [{"prompt": r["follow"], "cached": r["cached_tokens"]} for r in rows]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(spec, f)
+        f.flush()
+        try:
+            got = run_python(FLOOR, model, f.name, str(repeats))
+        except Exception as exc:  # report the rest of the suite all the same
+            log(f" could not time the in-process floor: {exc}")
+            return
+    for r, g in zip(rows, got, strict=True):
+        r["floor_ms"] = median(g["ms"])
+        r["floor_ms_all"] = g["ms"]
+        r["floor_new_tokens"] = g["new"]
+        r["hot_floor_ratio"] = r["hot_ttft_ms"] / r["floor_ms"]
+        log(f"  {r['size']}: floor {[round(x) for x in g['ms']]} ms for {g['new']} new tokens")

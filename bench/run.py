@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import activation, agents, latency, memory, mlx_server, resume, soak, throughput, weights
-from bench.common import MODEL_CACHE, loadavg, machine
+from bench.common import MODEL_CACHE, loadavg, machine, pairs
 
 SUITES: dict[str, Any] = {
     "throughput": throughput.run,
@@ -50,10 +50,10 @@ MODULES: dict[str, Any] = {
 DEFAULT_SUITES = ("throughput", "mlx_server", "resume", "agents", "memory")
 
 # Targets are reported against, never asserted.
-TARGET_BATCH = 0.9  # daemon vs batch_generate at 16 clients
+TARGET_BATCH = 0.95  # daemon vs batch_generate at every client count
 TARGET_SINGLE = 0.95  # single-stream decode vs stream_generate
 TARGET_DISK_4K = 30.0  # cold TTFT / disk TTFT at 4K cached tokens
-TARGET_HOT = 100.0  # cold TTFT / hot TTFT
+TARGET_HOT_FLOOR = 1.2  # hot TTFT / the in-process floor (new tokens + one decode step)
 TARGET_ITL_SPREAD = 2.0  # inter-token p99 / p50 at 8 clients
 
 
@@ -168,14 +168,19 @@ def _headline(results: dict[str, Any]) -> list[str]:
     lines = ["| target (reported, not asserted) | measured | met |", "|---|---|---|"]
     if "throughput" in results:
         t = results["throughput"]
-        r16 = next((r for r in t["rows"] if r["clients"] == 16), t["rows"][-1])
-        lines.append(
-            f"| mlxd ≥ {TARGET_BATCH}x batch_generate at {r16['clients']} clients | {r16['ratio']:.2f}x "
-            f"({r16['daemon_tps']:.1f} vs {r16['batch_generate_tps']:.1f} tok/s) | {_met(r16['ratio'], TARGET_BATCH)} |"
-        )
+        for kind, key in (("cold", ""), ("repeat", "repeat_")):
+            for r in t["rows"]:
+                if f"{key}ratio" not in r:
+                    continue
+                tps = r["daemon_tps" if kind == "cold" else "repeat_tps"]
+                lines.append(
+                    f"| mlxd ≥ {TARGET_BATCH}x batch_generate at {r['clients']} clients, {kind} | "
+                    f"{pairs(r[f'{key}ratios'])} ({tps:.1f} vs {r['batch_generate_tps']:.1f} tok/s) | "
+                    f"{_met(r[f'{key}ratio'], TARGET_BATCH)} |"
+                )
         s = t["single"]
         lines.append(
-            f"| single-stream decode ≥ {TARGET_SINGLE}x stream_generate | {s['ratio']:.2f}x "
+            f"| single-stream decode ≥ {TARGET_SINGLE}x stream_generate | {pairs(s['ratios'])} "
             f"({s['daemon_decode_tps']:.1f} vs {s['stream_generate_decode_tps']:.1f} tok/s) | "
             f"{_met(s['ratio'], TARGET_SINGLE)} |"
         )
@@ -187,10 +192,20 @@ def _headline(results: dict[str, Any]) -> list[str]:
             f"({r4['disk_ttft_ms']:.0f} vs {r4['cold_after_ttft_ms']:.0f} ms) | {_met(r4['disk_speedup'], TARGET_DISK_4K)} |"
         )
         for r in rows:
-            lines.append(
-                f"| hot at {r['size'] // 1024}K ≥ {TARGET_HOT:.0f}x faster than cold | {r['hot_speedup']:.1f}x "
-                f"({r['hot_ttft_ms']:.0f} vs {r['cold_ttft_ms']:.0f} ms) | {_met(r['hot_speedup'], TARGET_HOT)} |"
-            )
+            if "hot_floor_ratio" in r:
+                ratio = r["hot_floor_ratio"]
+                lines.append(
+                    f"| hot TTFT at {r['size'] // 1024}K ≤ {TARGET_HOT_FLOOR}x the in-process floor "
+                    f"({r['floor_new_tokens']} new tokens + 1 decode step) | {ratio:.2f}x ({r['hot_ttft_ms']:.0f} "
+                    f"vs {r['floor_ms']:.0f} ms, floor {min(r['floor_ms_all']):.0f}-{max(r['floor_ms_all']):.0f}) | "
+                    f"{'yes' if ratio <= TARGET_HOT_FLOOR else '**no**'} |"
+                )
+            if "disk_bound_ms" in r:
+                lines.append(
+                    f"| disk turn at {r['size'] // 1024}K ≤ hot + read-and-restore | {r['disk_ttft_ms']:.0f} vs "
+                    f"{r['disk_bound_ms']:.0f} ms ({r['hot_ttft_ms']:.0f} + {r['disk_bound_ms'] - r['hot_ttft_ms']:.0f}) | "
+                    f"{'yes' if r['disk_ttft_ms'] <= r['disk_bound_ms'] else '**no**'} |"
+                )
         ok = all(r["exact"] for r in rows)
         each = ", ".join(
             f"{r['size'] // 1024}K: "
@@ -227,16 +242,22 @@ def _throughput_section(t: dict[str, Any]) -> list[str]:
         "mlx-lm one just before or after it (order alternating by round); ratios are per pair, then "
         "the median. Aggregate = generated tokens (every client) / wall time from the first send to the "
         "last reply; each client streams on its own connection. Prompts: "
-        f"{min(t['prompt_tokens'])}-{max(t['prompt_tokens'])} tokens, distinct per client.",
+        f"{min(t['prompt_tokens'])}-{max(t['prompt_tokens'])} tokens, distinct per client and new "
+        "in every round (cold: no cache has seen them). Repeat: right after the pair, mlxd gets the "
+        "round's prompts again (its prefix cache keeps sessionless prompts; batch_generate has no "
+        "cache, so its cold figure of the pair is the reference).",
         "",
-        "| clients | mlxd tok/s | batch_generate tok/s | ratio (each pair) | mlxd TTFT p50 ms | stopped early (mlxd / mlx-lm) | same tokens as batch_generate |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | mlxd tok/s | batch_generate tok/s | cold ratio (each pair) | mlxd TTFT p50 ms | repeat: mlxd tok/s | repeat ratio (each pair) | repeat TTFT p50 ms | repeat tokens = cold | stopped early (mlxd / mlx-lm) | same tokens as batch_generate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in t["rows"]:
         rounds = ", ".join(f"{x:.2f}" for x in r["ratios"])
+        again = ", ".join(f"{x:.2f}" for x in r.get("repeat_ratios", []))
         lines.append(
             f"| {r['clients']} | {r['daemon_tps']:.1f} | {r['batch_generate_tps']:.1f} | **{r['ratio']:.2f}x** ({rounds}) | "
-            f"{r['daemon_ttft_ms_p50']:.0f} | {r['daemon_stopped_early']} / {r['batch_stopped_early']} | {r['same_tokens']} |"
+            f"{r['daemon_ttft_ms_p50']:.0f} | {r.get('repeat_tps', 0):.1f} | **{r.get('repeat_ratio', 0):.2f}x** ({again}) | "
+            f"{r.get('repeat_ttft_ms_p50', 0):.0f} | {r.get('repeat_same_as_cold', '-')} | "
+            f"{r['daemon_stopped_early']} / {r['batch_stopped_early']} | {r['same_tokens']} |"
         )
     s = t["single"]
     lines += [
@@ -273,15 +294,17 @@ def _resume_section(res: dict[str, Any]) -> list[str]:
         "sessions/save, SIGTERM (drain, save, exit 0), the files dropped from the page cache (posix_fadvise), a new "
         "daemon on the same state folder, one warm-up request without a session, then turn 2.",
         "",
-        "| cached tokens | turn-2 prompt | prefilled on hot/disk | cold ms (1st / 2nd daemon) | hot ms | disk ms | hot speed-up | disk speed-up | identical tokens | samples cold/hot/disk |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cached tokens | turn-2 prompt | prefilled on hot/disk | cold ms (1st / 2nd daemon) | hot ms | floor ms | hot / floor | disk ms | hot speed-up | disk speed-up | identical tokens | samples cold/hot/disk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n = r["samples"]
         lines.append(
             f"| {r['cached_tokens']} | {r['prompt_tokens']} | {r['prefilled_tokens']} | {r['cold_ttft_ms']:.0f} / "
             f"{_ms(r['cold_after_ttft_ms']) if r['cold_after_ttft_ms_all'] else '-'} | "
-            f"{r['hot_ttft_ms']:.0f} | {r['disk_ttft_ms']:.0f} | **{r['hot_speedup']:.1f}x** | "
+            f"{r['hot_ttft_ms']:.0f} | {_ms(r.get('floor_ms'))} | "
+            + (f"**{r['hot_floor_ratio']:.2f}x**" if "hot_floor_ratio" in r else "n/a")
+            + f" | {r['disk_ttft_ms']:.0f} | {r['hot_speedup']:.1f}x | "
             f"**{r['disk_speedup']:.1f}x** | {'yes' if r['exact'] else 'NO'} | {n['cold']}+{n['cold_after']}/{n['hot']}/{n['disk']} |"
         )
     lines += [
@@ -299,6 +322,9 @@ def _resume_section(res: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
+        "Floor: in-process mlx-lm (daemon stopped) with the turn's cached tokens already in a KV cache, "
+        "timed: prefill the turn's new tokens onto it and one decode step, greedy, the cache trimmed back "
+        "between repeats; the daemon's hot TTFT (arrival to first token) is judged against it. "
         "sessions/save is timed by the client (snapshot, checksum, write, fsync, rename). `disk - hot` is the "
         "restore cost as the brief defines it, a difference of two noisy medians; the read+restore columns time "
         "the daemon's own persistence code (read, validate, checksum, into MLX) on the saved file, in a separate "

@@ -6,9 +6,11 @@ Load (three client threads, seeded, each request bounded by max_tokens and a tim
   per turn; a conversation past `max_session` tokens is deleted and starts again, so the
   working set is steady. The daemon runs with its default `--kv-budget`, so nothing spills;
   `kv_budget="tight"` sets one that holds about half the sessions at their longest, so
-  they spill and come back from disk all along. The hot sessions' KV is sampled too
-  (`sessions/list`): it grows with the conversations by design, so RSS net of it is what
-  the growth target is judged on; raw RSS is reported beside it.
+  they spill and come back from disk all along. The hot KV is sampled too (`status`
+  sessions.hot_bytes: the sessions and the prefix cache's anonymous entries, which plain
+  generates leave behind until they are evicted): it grows with the conversations and
+  fills with anonymous entries by design, so RSS net of it is what the growth target is
+  judged on; raw RSS is reported beside it.
 - plain: generates without a session, distinct prompts.
 - chaos: a stream cancelled after its first delta (the client's `$/cancelRequest`), or a
   raw connection that sends a streaming generate and closes after its first line, or
@@ -17,7 +19,9 @@ A sampler reads /proc/<pid>/status (VmRSS), /proc/<pid>/fd and `status` every fe
 and sends a probe (a fixed plain prompt, 4 tokens) whose client-side TTFT is the TTFT
 series (a probe that times out counts as a stall). Growth is measured after the warm-up (the first 20% of the time): the median of
 the samples in the last 10% of the run against the median of those in the 20-30% window.
-Target: RSS growth < 5%, net of the hot sessions' KV.
+Open fds are also counted at rest, before the load starts and once it has stopped and the
+daemon has closed its connections: they must be equal. Target: RSS growth < 5% net of the
+hot KV, fds flat, 0 client errors, 0 stalls.
 """
 
 from __future__ import annotations
@@ -232,6 +236,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         with Client(daemon.socket, timeout=REQUEST_TIMEOUT_S) as admin:
             admin.generate("warm up", max_tokens=4)
             status = admin.status()
+            fds_before = _fds_at_rest(pid, None)
             t0 = time.monotonic()
             stop_at = t0 + minutes * 60
             load = Load(daemon.socket, stop_at, sessions, max_session)
@@ -248,9 +253,9 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 st = admin.status()  # answered at once, whatever the pool is doing
                 ps = proc_status(pid)
                 rss = ps.get("VmRSS", st.memory.rss_bytes)
-                # The hot sessions' KV grows with their conversations by design; RSS net of
-                # it is what would show a leak.
-                session_kv = sum(x.bytes for x in admin.sessions_list() if x.state == "hot")
+                # The hot KV (sessions, anonymous prefix entries) grows with the conversations
+                # and the prefix cache by design; RSS net of it is what would show a leak.
+                session_kv = st.sessions.hot_bytes
                 ttft_ms: float | None
                 try:
                     probe = probe or Client(daemon.socket, timeout=REQUEST_TIMEOUT_S)
@@ -297,6 +302,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 t.join(REQUEST_TIMEOUT_S * 2)
             final = _settled(admin)
             held = _held_blocks(admin, per_token * BLOCK_TOKENS)
+            fds_after = _fds_at_rest(pid, fds_before)
         stuck = [t for t in threads if t.is_alive()]
     total = minutes * 60
     ttft = load.ttft
@@ -316,6 +322,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         "counts": load.counts,
         "error_kinds": load.error_kinds,
         "threads_stuck": len(stuck),
+        "fds_at_rest": {"before": fds_before, "after": fds_after},
         "growth": {
             k: _growth(samples, k, minutes)
             for k in (
@@ -355,12 +362,27 @@ def _settled(admin: Client) -> Any:
 
 
 def _held_blocks(admin: Client, block_bytes: int) -> int:
-    """Pool blocks the hot sessions hold; with nothing running, the pool must hold just these."""
+    """Pool blocks the hot sessions and anonymous entries hold; with nothing running, the
+    pool must hold just these."""
     held = sum(-(-x.bytes // block_bytes) or 1 for x in admin.sessions_list() if x.state == "hot")
-    used = admin.status().pool.blocks_used
-    if used != held:
-        raise AssertionError(f"the pool has {used} blocks used, the sessions hold {held}")
+    st = admin.status()
+    held += int(st.details["prefix_cache"]["anonymous_blocks"])
+    if st.pool.blocks_used != held:
+        raise AssertionError(
+            f"the pool has {st.pool.blocks_used} blocks used, the caches hold {held}"
+        )
     return held
+
+
+def _fds_at_rest(pid: int, expect: int | None) -> int | None:
+    """Open fds with no client but the admin connected; after the load, wait (up to the
+    request timeout) for the daemon to close what the clients left, until `expect`."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while True:
+        n = open_fds(pid)
+        if expect is None or n is None or n <= expect or time.monotonic() > deadline:
+            return n
+        time.sleep(0.5)
 
 
 # -- report ------------------------------------------------------------------------------
@@ -375,13 +397,26 @@ def _pct(g: dict[str, Any]) -> str:
 def headline(res: dict[str, Any]) -> list[str]:
     raw, net = res["growth"]["rss_bytes"], res["growth"]["rss_net_bytes"]
     pct = net.get("growth_pct")
-    met = "n/a" if pct is None else ("yes" if pct < TARGET_RSS_GROWTH_PCT else "**no**")
+    fds = res["fds_at_rest"]
+    errors = res["counts"]["errors"]
+    ok = (
+        pct is not None
+        and pct < TARGET_RSS_GROWTH_PCT
+        and fds["before"] is not None
+        and fds["after"] is not None
+        and fds["after"] <= fds["before"]
+        and errors == 0
+        and res["stalls"] == 0
+        and res["threads_stuck"] == 0
+    )
     return [
         f"| soak ({res['minutes']:g} min mixed load): RSS growth after warm-up < "
-        f"{TARGET_RSS_GROWTH_PCT:.0f}%, net of the hot sessions' KV | {_pct(net)} net "
-        f"({(net.get('base') or 0) / 2**20:.0f} -> {(net.get('end') or 0) / 2**20:.0f} MiB); "
-        f"raw RSS {_pct(raw)} while the sessions' KV went {_pct(res['growth']['session_kv_bytes'])}; "
-        f"fds {_pct(res['growth']['fds'])}; stalls {res['stalls']} | {met} |"
+        f"{TARGET_RSS_GROWTH_PCT:.0f}% net of the hot KV, fds flat, 0 errors, 0 stalls | "
+        f"{_pct(net)} net ({(net.get('base') or 0) / 2**20:.0f} -> "
+        f"{(net.get('end') or 0) / 2**20:.0f} MiB); raw RSS {_pct(raw)} while the hot KV went "
+        f"{_pct(res['growth']['session_kv_bytes'])}; fds at rest {fds['before']} -> "
+        f"{fds['after']} (under load {_pct(res['growth']['fds'])}); errors {errors}; "
+        f"stalls {res['stalls']} | {'yes' if ok else '**no**'} |"
     ]
 
 
@@ -401,17 +436,18 @@ def section(res: dict[str, Any]) -> list[str]:
         f"generates, {c['cancels']} cancelled streams, {c['disconnects']} disconnects; client errors "
         f"{c['errors']} {res['error_kinds'] or ''}; probe stalls (no first token within "
         f"{STALL_MS / 1000:.0f} s) {res['stalls']}; client threads still running at the end "
-        f"{res['threads_stuck']}. Daemon totals: {res['totals']}; sessions spilled {res['spilled']}, "
+        f"{res['threads_stuck']}; open fds at rest before the load {res['fds_at_rest']['before']}, after it {res['fds_at_rest']['after']}. Daemon totals: {res['totals']}; sessions spilled {res['spilled']}, "
         f"restored {res['restored']}. Pool blocks used once the load stopped: "
-        f"{res['blocks_used']}, exactly the hot sessions' {res['blocks_held']}.",
+        f"{res['blocks_used']}, exactly what the hot sessions and anonymous entries hold "
+        f"({res['blocks_held']}).",
         "",
         "| metric | after warm-up (20-30%) | end (last 10%) | growth | max after warm-up |",
         "|---|---|---|---|---|",
     ]
     names = {
         "rss_bytes": ("RSS MiB", 2**20),
-        "session_kv_bytes": ("hot sessions' KV MiB", 2**20),
-        "rss_net_bytes": ("RSS net of the sessions' KV, MiB", 2**20),
+        "session_kv_bytes": ("hot KV (sessions + anonymous entries) MiB", 2**20),
+        "rss_net_bytes": ("RSS net of the hot KV, MiB", 2**20),
         "fds": ("open fds", 1),
         "mlx_active_bytes": ("MLX active MiB", 2**20),
         "mlx_cache_bytes": ("MLX cache MiB", 2**20),
@@ -454,12 +490,12 @@ def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
         ax.set_title(title)
         ax.set_xlabel("minutes")
     net = [s["rss_net_bytes"] / 2**20 for s in samples]
-    axes.flat[0].plot(ts, net, marker=".", linewidth=1, label="net of sessions' KV")
+    axes.flat[0].plot(ts, net, marker=".", linewidth=1, label="net of the hot KV")
     axes.flat[0].legend(fontsize=7)
     growth = res["growth"]
     fig.suptitle(
         f"Soak, {res['minutes']:g} min: RSS growth after warm-up {_pct(growth['rss_bytes'])}, "
-        f"net of the sessions' KV {_pct(growth['rss_net_bytes'])}"
+        f"net of the hot KV {_pct(growth['rss_net_bytes'])}"
     )
     fig.tight_layout()
     fig.savefig(out / "soak.png", dpi=110)

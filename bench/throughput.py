@@ -30,9 +30,10 @@ QUICK_CLIENTS = (1, 4, 16)
 SINGLE_PER_ROUND = 2  # single-stream pairs per round
 
 
-def prompts(n: int) -> list[str]:
-    """Distinct prompts of ~50 tokens on which the random-weight model does not stop early."""
-    return [f"Request {i}: write a long story about the number {i * 7919}. " for i in range(n)]
+def prompts(n: int, tag: str = "") -> list[str]:
+    """Distinct prompts of ~50 tokens on which the random-weight model does not stop early;
+    a new `tag` gives new prompts (no cache has seen them) of about the same length."""
+    return [f"Request {i}{tag}: write a long story about the number {i * 7919}. " for i in range(n)]
 
 
 WORKER = r"""
@@ -52,9 +53,9 @@ batch_generate(m.model, m.tokenizer, tok[:2], max_tokens=8)  # warm-up
 for _ in stream_generate(m.model, m.tokenizer, tok[1], max_tokens=8):
     pass
 
-def batch(n):
+def batch(n, at):
     t0 = time.perf_counter()
-    r = batch_generate(m.model, m.tokenizer, tok[:n], max_tokens=max_tokens, return_token_ids=True)
+    r = batch_generate(m.model, m.tokenizer, tok[at : at + n], max_tokens=max_tokens, return_token_ids=True)
     wall = time.perf_counter() - t0
     ids = [list(map(int, t)) for t in r.token_ids]
     # batch_generate drops the end-of-sequence token from its output: it was computed, count it
@@ -77,7 +78,7 @@ hello = {"params": sum(v.size for _, v in tree_flatten(m.model.parameters())),
 print(json.dumps(hello), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
-    out = batch(cmd["n"]) if cmd["op"] == "batch" else single()
+    out = batch(cmd["n"], cmd["at"]) if cmd["op"] == "batch" else single()
     print(json.dumps(out), flush=True)
 """
 
@@ -180,8 +181,11 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     counts = QUICK_CLIENTS if quick else CLIENTS
     max_tokens = 32 if quick else 128
-    rounds = 1 if quick else 4  # even: each order (mlx-lm first, daemon first) equally often
-    texts = prompts(max(counts))
+    rounds = 1 if quick else 3
+    # Cold: new prompts every round, so neither side has seen them (mlxd's prefix cache
+    # keeps sessionless prompts); repeat: mlxd gets its round's prompts again at once.
+    width = max(counts)
+    texts = [t for k in range(rounds) for t in prompts(width, f".{k}")]
     # Both stay up; only one computes at a time. Each measurement on one side is paired with
     # the same measurement on the other right after it (the order alternating by round), so a
     # change in the shared machine's load hits both sides of a ratio alike.
@@ -191,20 +195,23 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
         with Daemon(model) as daemon:
             assert daemon.proc is not None
             with Client(daemon.socket) as client:
-                client.generate(texts[1], max_tokens=8)  # warm-up, like the worker's
+                # warm-up, like the worker's, on a prompt no round sends (it stays cached)
+                client.generate(prompts(2, ".warm-up")[1], max_tokens=8)
                 status = client.status()
                 if [client.tokenize(t).count for t in texts] != base.hello["prompt_tokens"]:
                     raise RuntimeError("the daemon and mlx-lm tokenized the prompts differently")
             pids = {"daemon": daemon.proc.pid, "mlx-lm": base.proc.pid}
             idle_cpu = {"daemon": 0.0, "mlx-lm": 0.0}  # CPU s each used while the other measured
 
-            def one(side: str, n: int | str) -> Any:
+            def one(side: str, n: int | str, k: int) -> Any:
                 if side == "mlx-lm":
-                    return base.ask(op="single") if n == "single" else base.ask(op="batch", n=n)
+                    if n == "single":
+                        return base.ask(op="single")
+                    return base.ask(op="batch", n=n, at=k * width)
                 if n == "single":
                     return _single_daemon(daemon.socket, max_tokens, texts[0])
                 assert isinstance(n, int)
-                return _through_daemon(daemon.socket, n, max_tokens, texts)
+                return _through_daemon(daemon.socket, n, max_tokens, texts[k * width :])
 
             def measure(side: str, fn: Any) -> Any:
                 other = "mlx-lm" if side == "daemon" else "daemon"
@@ -219,14 +226,22 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
                 for n in (*counts, *["single"] * SINGLE_PER_ROUND):
                     got: dict[str, Any] = {"round": k, "n": n}
                     for side in order:
-                        got[side] = measure(side, lambda side=side, n=n: one(side, n))
+                        got[side] = measure(side, lambda side=side, n=n, k=k: one(side, n, k))
+                    if n != "single":  # the same prompts again: a prefix-cache hit each
+                        got["repeat"] = measure("daemon", lambda n=n, k=k: one("daemon", n, k))
                     pairs.append(got)
                     if n == "single":
                         d, b = got["daemon"]["decode_tps"], got["mlx-lm"]["decode_tps"]
                     else:
                         d, b = got["daemon"]["tps"], got["mlx-lm"]["tps"]
+                    again = (
+                        f" (repeat {got['repeat']['tps']:.1f} = {got['repeat']['tps'] / b:.2f}x)"
+                        if "repeat" in got
+                        else ""
+                    )
                     log(
-                        f"  round {k + 1}/{rounds}, {n}: mlxd {d:.1f} vs mlx-lm {b:.1f} tok/s = {d / b:.2f}x, load {loadavg()}"
+                        f"  round {k + 1}/{rounds}, {n}: mlxd {d:.1f} vs mlx-lm {b:.1f} tok/s = "
+                        f"{d / b:.2f}x{again}, load {loadavg()}"
                     )
     finally:
         base.close()
@@ -236,6 +251,7 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
         ps = [p for p in pairs if p["n"] == n]
         d_tps = [p["daemon"]["tps"] for p in ps]
         b_tps = [p["mlx-lm"]["tps"] for p in ps]
+        r_tps = [p["repeat"]["tps"] for p in ps]
         same = sum(
             a == b for p in ps for a, b in zip(p["daemon"]["ids"], p["mlx-lm"]["ids"], strict=True)
         )
@@ -256,6 +272,11 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
                 "batch_stopped_early": sum(p["mlx-lm"]["stopped_early"] for p in ps),
                 "same_tokens": f"{same}/{n * len(ps)}",
                 "daemon_ttft_ms_p50": median([p["daemon"]["ttft_ms_p50"] for p in ps]),
+                "repeat_tps": median(r_tps),
+                "repeat_ratio": median([r / b for r, b in zip(r_tps, b_tps, strict=True)]),
+                "repeat_ratios": [r / b for r, b in zip(r_tps, b_tps, strict=True)],
+                "repeat_ttft_ms_p50": median([p["repeat"]["ttft_ms_p50"] for p in ps]),
+                "repeat_same_as_cold": f"{sum(p['repeat']['ids'] == p['daemon']['ids'] for p in ps)}/{len(ps)}",
             }
         )
     ps = [p for p in pairs if p["n"] == "single"]
