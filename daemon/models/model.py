@@ -18,9 +18,9 @@ import mlx_lm.utils
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxd.daemon.builtin_model import ensure_builtin
-from mlxd.daemon.gguf import GGUFError, import_gguf, is_gguf
-from mlxd.daemon.smollm2 import DISTRIBUTION, smollm2_gguf
+from mlxd.daemon.models.builtin_model import ensure_builtin
+from mlxd.daemon.models.gguf import GGUFError, import_gguf, is_gguf
+from mlxd.daemon.models.smollm2 import DISTRIBUTION, smollm2_gguf
 
 __all__ = [
     "BUILTIN_PREFIX",
