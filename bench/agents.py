@@ -2,9 +2,11 @@
 taking several turns over a conversation that grows, interleaved (agent 1 turn 1, agent 2
 turn 1, ..., agent 1 turn 2, ...), one request at a time. mlxd keeps each agent's KV cache
 in a session (`session=agent-i`); mlx_lm.server has its LRU prompt cache of
-`--prompt-cache-size` entries (default 10), one entry per conversation here. A second
-mlxd gets the same prompts with no `session` at all (what an OpenAI-style client sends):
-its prefix cache keeps each conversation as an anonymous entry.
+`--prompt-cache-size` entries, one entry per conversation here: one server with the
+default (10 entries, room for every agent of the full run) and one with a reduced cache,
+fewer entries than agents. A second mlxd gets the same prompts with no `session` at all
+(what an OpenAI-style client sends): its prefix cache keeps each conversation as an
+anonymous entry.
 
 The transcripts are the same for every server: turn 1 is an agent's opening text (distinct
 per agent from its first characters), and each later turn is the previous prompt + the
@@ -25,8 +27,10 @@ usage.prompt_tokens_details.cached_tokens, which its stream reports with
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +39,14 @@ from mlxd.client import Client
 from .common import Daemon, loadavg, percentiles
 from .mlx_server import MlxServer, complete
 
-__all__ = ["run"]
+__all__ = ["mlxd_turn", "run", "server_turn", "servers_up"]
 
 # Sized for a 2-core CPU, where mlx_lm.server's full prefills dominate the run: about 6-8
-# minutes for the full workload, 1 for the quick one. The prompt cache is set explicitly
-# smaller than the number of agents (mlx_lm.server's default is 10 entries).
+# minutes for the full workload, 1 for the quick one. `cache_size` is the reduced
+# mlx_lm.server's `--prompt-cache-size`, smaller than the number of agents.
 FULL = {"agents": 8, "turns": 5, "first": 256, "user": 160, "reply": 16, "cache_size": 4}
 QUICK = {"agents": 6, "turns": 3, "first": 128, "user": 64, "reply": 8, "cache_size": 4}
+DEFAULT_CACHE_SIZE = 10  # mlx_lm.server's own default for --prompt-cache-size
 
 
 def _fill(text: str, n: int) -> str:
@@ -66,9 +71,32 @@ def user_message(agent: int, turn: int, n: int) -> str:
 
 
 SESSIONLESS = "mlxd, sessionless"
+DEFAULT_SIDE = "mlx_lm.server, default cache"
 
 
-def _mlxd_turn(client: Client, prompt: str, session: str | None, max_tokens: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def servers_up(model: str, servers: list[MlxServer]) -> Iterator[tuple[Client, Client]]:
+    """Start the mlx_lm.servers, then two daemons; yield a client of each daemon (one for
+    named sessions, one for requests with no session), warmed up; stop them all after."""
+    daemons = (Daemon(model), Daemon(model))
+    try:
+        for server in servers:
+            server.start()
+        for d in daemons:
+            d.start()
+        with Client(daemons[0].socket) as named, Client(daemons[1].socket) as anonymous:
+            named.generate("warm up", max_tokens=4)
+            anonymous.generate("warm up", max_tokens=4)
+            yield named, anonymous
+    finally:
+        for d in daemons:
+            d.kill()
+            d.__exit__(None, None, None)
+        for server in servers:
+            server.stop()
+
+
+def mlxd_turn(client: Client, prompt: str, session: str | None, max_tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     first = None
     stream = client.stream(prompt, session=session, max_tokens=max_tokens)
@@ -90,7 +118,7 @@ def _mlxd_turn(client: Client, prompt: str, session: str | None, max_tokens: int
     }
 
 
-def _server_turn(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+def server_turn(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
     got = complete(port, prompt, max_tokens)
     prompt_tokens = got["prompt_tokens"]
     cached = got["cached_tokens"]
@@ -129,66 +157,46 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     p = dict(QUICK if quick else FULL)
     p.update({k: v for k, v in opts.items() if k in p})
-    # A second mlx_lm.server with room for every agent shows what the entry limit costs.
-    # (off by default: it adds about mlxd's time again; measured once, it matched mlxd)
-    big = bool(opts.get("big_cache", False))
     n_agents, n_turns, reply = p["agents"], p["turns"], p["reply"]
-    sides = ["mlxd", "mlx_lm.server"] + (["mlx_lm.server, big cache"] if big else [])
-    sides.append(SESSIONLESS)
+    sides = ["mlxd", "mlx_lm.server", DEFAULT_SIDE, SESSIONLESS]
     log(
         f"  {n_agents} agents x {n_turns} turns, prompts {p['first']} -> "
-        f"~{p['first'] + (n_turns - 1) * (p['user'] + reply)} tokens, replies of {reply} tokens, "
-        f"mlx_lm.server --prompt-cache-size {p['cache_size']}"
+        f"~{p['first'] + (n_turns - 1) * (p['user'] + reply)} characters, replies of {reply} "
+        f"tokens, mlx_lm.server --prompt-cache-size {p['cache_size']} and its default"
     )
-    servers = [MlxServer(model, "--prompt-cache-size", str(p["cache_size"]))]
-    if big:
-        servers.append(MlxServer(model, "--prompt-cache-size", str(4 * n_agents)))
-    daemon, anonymous = Daemon(model), Daemon(model)
-    try:
-        for s in servers:
-            s.start()
-        daemon.start()
-        anonymous.start()
-        with Client(daemon.socket) as client, Client(anonymous.socket) as sessionless:
-            client.generate("warm up", max_tokens=4)
-            sessionless.generate("warm up", max_tokens=4)
-            status = client.status()
-            prompts = [opening(i, p["first"]) for i in range(n_agents)]
-            turns: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
-            walls: dict[str, list[float]] = {s: [] for s in sides}
-            for k in range(n_turns):
-                order = sides if k % 2 == 0 else sides[::-1]
-                replies: list[str] = []
-                for side in order:
-                    t0 = time.perf_counter()
-                    for i in range(n_agents):
-                        if side == "mlxd":
-                            got = _mlxd_turn(client, prompts[i], f"agent-{i}", reply)
-                            replies.append(got["text"])
-                        elif side == SESSIONLESS:
-                            got = _mlxd_turn(sessionless, prompts[i], None, reply)
-                        else:
-                            port = servers[sides.index(side) - 1].port
-                            got = _server_turn(port, prompts[i], reply)
-                        turns[side].append({"agent": i, "turn": k, **got})
-                    walls[side].append(time.perf_counter() - t0)
-                log(
-                    f"  turn {k + 1}/{n_turns} (prompts ~{len(prompts[0])} tokens): "
-                    + ", ".join(f"{s} {walls[s][-1]:.1f} s" for s in sides)
-                    + f", load {loadavg()}"
-                )
-                prompts = [
-                    prompts[i] + replies[i] + user_message(i, k + 2, p["user"])
-                    for i in range(n_agents)
-                ]
-            mlxd_sessions = client.status().sessions
-            prefix_cache = sessionless.status().details.get("prefix_cache")
-    finally:
-        for d in (daemon, anonymous):
-            d.kill()
-            d.__exit__(None, None, None)
-        for s in servers:
-            s.stop()
+    # mlx_lm.server reduced, then with no --prompt-cache-size (its default): sides[1:3]
+    servers = [MlxServer(model, "--prompt-cache-size", str(p["cache_size"])), MlxServer(model)]
+    with servers_up(model, servers) as (client, sessionless):
+        status = client.status()
+        prompts = [opening(i, p["first"]) for i in range(n_agents)]
+        turns: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+        walls: dict[str, list[float]] = {s: [] for s in sides}
+        for k in range(n_turns):
+            order = sides if k % 2 == 0 else sides[::-1]
+            replies: list[str] = []
+            for side in order:
+                t0 = time.perf_counter()
+                for i in range(n_agents):
+                    if side == "mlxd":
+                        got = mlxd_turn(client, prompts[i], f"agent-{i}", reply)
+                        replies.append(got["text"])
+                    elif side == SESSIONLESS:
+                        got = mlxd_turn(sessionless, prompts[i], None, reply)
+                    else:
+                        port = servers[sides.index(side) - 1].port
+                        got = server_turn(port, prompts[i], reply)
+                    turns[side].append({"agent": i, "turn": k, **got})
+                walls[side].append(time.perf_counter() - t0)
+            log(
+                f"  turn {k + 1}/{n_turns} (prompts ~{len(prompts[0])} tokens): "
+                + ", ".join(f"{s} {walls[s][-1]:.1f} s" for s in sides)
+                + f", load {loadavg()}"
+            )
+            prompts = [
+                prompts[i] + replies[i] + user_message(i, k + 2, p["user"]) for i in range(n_agents)
+            ]
+        mlxd_sessions = client.status().sessions
+        prefix_cache = sessionless.status().details.get("prefix_cache")
 
     summary = {s: _summary(turns[s], walls[s], n_turns) for s in sides}
     base = turns["mlxd"]
@@ -202,16 +210,18 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         }
         for s in sides[1:]
     }
-    d, s = summary["mlxd"], summary["mlx_lm.server"]
+    wall = {side: summary[side]["wall_s"] for side in sides}
     return {
         "status": status,
         "workload": p,
-        "big_cache_size": 4 * n_agents if big else None,
+        "default_cache_size": DEFAULT_CACHE_SIZE,
         "sides": sides,
         "summary": summary,
-        "speedup": s["wall_s"] / d["wall_s"],
-        "speedup_big": summary[sides[2]]["wall_s"] / d["wall_s"] if big else None,
-        "sessionless_vs_sessions": summary[SESSIONLESS]["wall_s"] / d["wall_s"],
+        "speedup": wall["mlx_lm.server"] / wall["mlxd"],
+        "speedup_default": wall[DEFAULT_SIDE] / wall["mlxd"],
+        "sessionless_speedup": wall["mlx_lm.server"] / wall[SESSIONLESS],
+        "sessionless_speedup_default": wall[DEFAULT_SIDE] / wall[SESSIONLESS],
+        "sessionless_vs_sessions": wall[SESSIONLESS] / wall["mlxd"],
         "sessionless_prefix_cache": prefix_cache,
         "same": same,
         "turns_total": n_agents * n_turns,
@@ -227,16 +237,28 @@ TARGET = 3.0  # mlx_lm.server wall time / mlxd's
 
 def headline(res: dict[str, Any]) -> list[str]:
     w = res["workload"]
-    d, s = res["summary"]["mlxd"], res["summary"]["mlx_lm.server"]
+    x = res["summary"]
+    d, s, sl, sd = x["mlxd"], x["mlx_lm.server"], x[SESSIONLESS], x[DEFAULT_SIDE]
+    size = res["default_cache_size"]
+
+    def row(who: str, against: str, ratio: float, a: dict[str, Any], b: dict[str, Any]) -> str:
+        return (
+            f"| agents: {who} ≥ {TARGET:.0f}x faster end to end than mlx_lm.server, {against} "
+            f"({w['agents']} agents x {w['turns']} turns) | {ratio:.2f}x ({a['wall_s']:.0f} vs "
+            f"{b['wall_s']:.0f} s; TTFT p50 after turn 1 {a['ttft_ms_after_turn1']['p50']:.0f} vs "
+            f"{b['ttft_ms_after_turn1']['p50']:.0f} ms) | {'yes' if ratio >= TARGET else '**no**'} |"
+        )
+
+    reduced = f"its prompt cache {w['cache_size']} entries"
+    default = f"its default cache ({size} entries)"
     return [
-        f"| agents: mlxd ≥ {TARGET:.0f}x faster end to end than mlx_lm.server ({w['agents']} agents x "
-        f"{w['turns']} turns, its prompt cache {w['cache_size']} entries) | {res['speedup']:.2f}x "
-        f"({d['wall_s']:.0f} vs {s['wall_s']:.0f} s; TTFT p50 after turn 1 "
-        f"{d['ttft_ms_after_turn1']['p50']:.0f} vs {s['ttft_ms_after_turn1']['p50']:.0f} ms) | "
-        f"{'yes' if res['speedup'] >= TARGET else '**no**'} |",
+        row("mlxd, sessions,", reduced, res["speedup"], d, s),
+        row("mlxd, sessions,", default, res["speedup_default"], d, sd),
+        row("mlxd, no session,", reduced, res["sessionless_speedup"], sl, s),
+        row("mlxd, no session,", default, res["sessionless_speedup_default"], sl, sd),
         f"| agents: sessionless mlxd within 10% of mlxd with sessions | "
-        f"{res['sessionless_vs_sessions']:.2f}x its wall time | "
-        f"{'yes' if res['sessionless_vs_sessions'] <= 1.1 else '**no**'} |",
+        f"{res['sessionless_vs_sessions']:.2f}x its wall time ({sl['wall_s']:.0f} vs "
+        f"{d['wall_s']:.0f} s) | {'yes' if res['sessionless_vs_sessions'] <= 1.1 else '**no**'} |",
     ]
 
 
@@ -247,29 +269,24 @@ def _pq(p: dict[str, Any]) -> str:
 def section(res: dict[str, Any]) -> list[str]:
     w = res["workload"]
     sides = res["sides"]
-    big = res.get("big_cache_size")
+    size = res["default_cache_size"]
     last = w["first"] + (w["turns"] - 1) * (w["user"] + w["reply"])
     lines = [
         "## Agent workload: sessions vs mlx_lm.server's prompt cache",
         "",
         f"{w['agents']} agents x {w['turns']} turns, interleaved (agent 1 turn 1, agent 2 turn 1, "
         "..., agent 1 turn 2, ...), one request at a time, greedy. Turn 1 is a "
-        f"{w['first']}-token opening (distinct per agent); each later turn adds mlxd's reply "
-        f"({w['reply']} tokens) and a {w['user']}-token user message, so prompts grow from "
-        f"{w['first']} to ~{last} tokens. mlxd: `generate` with the raw prompt and "
-        "`session=agent-i`; mlx_lm.server: streaming `/v1/completions` with the same prompt text and "
-        f"`--prompt-cache-size {w['cache_size']}`"
-        + (" (its default)" if w["cache_size"] == 10 else " (set explicitly; its default is 10)")
-        + ", fewer entries than agents"
-        + (
-            f"; and a second mlx_lm.server with `--prompt-cache-size {big}`, room for every agent"
-            if big
-            else ""
-        )
-        + ". The servers alternate by round (turn k of every agent on one, then on the other), one "
-        "computing at a time. TTFT is the client's, send to first text.",
+        f"{w['first']}-character opening (distinct per agent); each later turn adds mlxd's reply "
+        f"({w['reply']} tokens) and a {w['user']}-character user message, so prompts grow from "
+        f"{w['first']} to ~{last} characters (one character, one token on the built-in byte-level "
+        "models; a real tokenizer makes fewer: see the prompt tokens). mlxd: `generate` with the "
+        "raw prompt and `session=agent-i`, and a second mlxd with no `session` (its prefix cache); "
+        "mlx_lm.server: streaming `/v1/completions` with the same prompt text, once with "
+        f"`--prompt-cache-size {w['cache_size']}` (fewer entries than agents) and once with its "
+        f"default ({size} entries). The servers alternate by round (turn k of every agent on one, "
+        "then on the others), one computing at a time. TTFT is the client's, send to first text.",
         "",
-        "| server | wall s | mlxd speed-up | TTFT p50 / p95 ms, all turns | after turn 1 | prompt tokens | "
+        "| server | wall s | wall / mlxd's (sessions) | TTFT p50 / p95 ms, all turns | after turn 1 | prompt tokens | "
         "prefilled | cached | turns mostly cached |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -279,8 +296,9 @@ def section(res: dict[str, Any]) -> list[str]:
         label = {
             "mlxd": "mlxd, sessions",
             "mlx_lm.server": f"mlx_lm.server, {w['cache_size']} entries",
+            DEFAULT_SIDE: f"mlx_lm.server, {size} entries (default)",
             SESSIONLESS: "mlxd, no session (prefix cache)",
-        }.get(side, f"mlx_lm.server, {big} entries")
+        }[side]
         speedup = "-" if side == "mlxd" else f"**{x['wall_s'] / d_wall:.2f}x**"
         lines.append(
             f"| {label} | {x['wall_s']:.1f} | {speedup} | "
@@ -314,9 +332,9 @@ def section(res: dict[str, Any]) -> list[str]:
         f"Prefilled = prompt_tokens - cached_tokens as each server's usage reports them "
         f"(mlx_lm.server: `usage.prompt_tokens_details.cached_tokens`). {same}. mlxd sessions at the "
         f"end: {res['mlxd_sessions']['hot']} hot, {res['mlxd_sessions']['disk']} on disk. "
-        '"Mostly cached": more than half the prompt served from cache. The random model\'s replies '
-        "hold bytes that are not valid UTF-8; their text carries U+FFFD, so a reply re-tokenizes "
-        "differently and both servers prefill it again on the next turn.",
+        '"Mostly cached": more than half the prompt served from cache. On the built-in random '
+        "models a reply can hold bytes that are not valid UTF-8; its text carries U+FFFD, so it "
+        "re-tokenizes differently and every server prefills it again on the next turn.",
         "",
     ]
     return lines

@@ -21,7 +21,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import activation, agents, latency, memory, mlx_server, resume, soak, throughput, weights
+from bench import (
+    activation,
+    agents,
+    latency,
+    memory,
+    mlx_server,
+    resume,
+    shared_prompt,
+    soak,
+    throughput,
+    weights,
+)
 from bench.common import MODEL_CACHE, loadavg, machine, pairs
 
 SUITES: dict[str, Any] = {
@@ -30,6 +41,7 @@ SUITES: dict[str, Any] = {
     "latency": lambda model, quick, log: latency.run(model, quick),
     "mlx_server": mlx_server.run,
     "agents": agents.run,
+    "shared_prompt": shared_prompt.run,
     "memory": memory.run,
     "soak": soak.run,
     "activation": activation.run,
@@ -39,6 +51,7 @@ SUITES: dict[str, Any] = {
 MODULES: dict[str, Any] = {
     "mlx_server": mlx_server,
     "agents": agents,
+    "shared_prompt": shared_prompt,
     "memory": memory,
     "soak": soak,
     "activation": activation,
@@ -47,7 +60,7 @@ MODULES: dict[str, Any] = {
 
 # latency is slow (minutes even with --quick) and has no targets: run it by name; soak
 # runs for --soak MINUTES, or by name (1 min with --quick, else 5).
-DEFAULT_SUITES = ("throughput", "mlx_server", "resume", "agents", "memory")
+DEFAULT_SUITES = ("throughput", "mlx_server", "resume", "agents", "shared_prompt", "memory")
 
 # Targets are reported against, never asserted.
 TARGET_BATCH = 0.95  # daemon vs batch_generate at every client count

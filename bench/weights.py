@@ -5,8 +5,9 @@ unquantized model both modes are the same weights.
 
 In-process: `mlx_lm.stream_generate` on `load_model(..., weights=MODE)` in a worker process
 (OpenBLAS loaded first, as in the daemon); its own prompt_tps and generation_tps. Daemon:
-one greedy `generate` at a time; prefill = prompt tokens / TTFT, decode = (completion - 1)
-/ (total - TTFT). Each figure is the median over the rounds; one mode runs at a time.
+one greedy `generate` at a time, `--prefix-cache off` so that each round prefills its whole
+prompt; prefill = prompt tokens / TTFT, decode = (completion - 1) / (total - TTFT). Each
+figure is the median over the rounds; one mode runs at a time.
 """
 
 from __future__ import annotations
@@ -77,12 +78,17 @@ def _in_process(model: str, mode: str, prompt: str, max_tokens: int, rounds: int
 
 
 def _daemon(model: str, mode: str, prompt: str, max_tokens: int, rounds: int) -> dict[str, Any]:
-    with Daemon(model, "--weights", mode) as daemon, Client(daemon.socket) as client:
+    # --prefix-cache off: every round prefills its whole prompt, as mlx-lm's do (the prefix
+    # cache would serve rounds 2.. from round 1's KV and time no prefill at all)
+    args = ("--weights", mode, "--prefix-cache", "off")
+    with Daemon(model, *args) as daemon, Client(daemon.socket) as client:
         weights = client.models_current().weights
         client.generate(prompt[:64], max_tokens=4)  # warm-up
         rs = []
         for _ in range(rounds):
             r = client.generate(prompt, max_tokens=max_tokens, temperature=0.0)
+            if r.usage.cached_tokens:
+                raise RuntimeError(f"{r.usage.cached_tokens} prompt tokens came from a cache")
             ttft, total = r.timings.ttft_ms / 1000, r.timings.total_ms / 1000
             decode = (r.usage.completion_tokens - 1) / (total - ttft) if total > ttft else 0.0
             rs.append(

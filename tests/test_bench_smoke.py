@@ -28,3 +28,51 @@ def test_quick_bench_writes_a_report(tmp_path: Path, model_cache: Path) -> None:
     )
     assert all(r["exact"] for r in results["resume"]["rows"])
     assert (out / "throughput.png").stat().st_size > 0 and (out / "resume.png").stat().st_size > 0
+
+
+# The agents and shared-prompt suites at toy sizes, in a fresh interpreter (the model cache
+# comes from the environment); the JSON holds their results and rendered report lines.
+SMALL_RUNS = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from bench import agents, shared_prompt
+a = agents.run("builtin:tiny", True, agents=3, turns=2, first=96, user=48, reply=4)
+s = shared_prompt.run("builtin:tiny", True, agents=(1, 3), system=300, task=40, reply=4)
+a.pop("status"); s.pop("status")
+lines = agents.headline(a) + agents.section(a) + shared_prompt.headline(s) + shared_prompt.section(s)
+print(json.dumps({{"agents": a, "shared": s, "lines": lines}}))
+"""
+
+
+def test_agents_and_shared_prompt_suites(model_cache: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", SMALL_RUNS], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)), cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    a = got["agents"]
+    assert a["sides"] == [
+        "mlxd",
+        "mlx_lm.server",
+        "mlx_lm.server, default cache",
+        "mlxd, sessionless",
+    ]
+    for side, same in a["same"].items():  # every server saw the same prompts and replied alike
+        assert same == {"prompt_tokens": a["turns_total"], "reply_text": a["turns_total"]}, side
+    for side in a["sides"]:  # turn 2 of every agent resumed from that agent's turn 1
+        turn2 = [t for t in a["turns"][side] if t["turn"] == 1]
+        assert len(turn2) == 3 and all(t["cached_tokens"] > 0 for t in turn2), side
+    # the sessionless daemon, given no session, served turn 2 from its prefix cache
+    assert a["sessionless_prefix_cache"]["hits_anonymous"] >= 3
+    rows = got["shared"]["rows"]
+    assert [r["agents"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["same_replies"] == r["agents"]
+        assert len({r["prompt_tokens"][s] for s in r["prompt_tokens"]}) == 1
+    three = rows[1]
+    for side in ("mlxd, sessions", "mlxd, no session"):  # the system prompt, prefilled once
+        assert three["prefilled"][side] < 2 * three["system_tokens"], side
+        assert three["turns"][side][0]["cached_tokens"] == 0  # a fresh system prompt: cold
+    assert any(line.startswith("| agents: sessionless mlxd within 10%") for line in got["lines"])
+    assert any(line.startswith("| shared ") for line in got["lines"])
