@@ -41,7 +41,8 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
         drain_timeout_s=args.drain_timeout,
         max_queue=args.max_queue,
         kv_bits=args.kv_bits,
-        prefix_cache=args.prefix_cache == "on",
+        prefix_cache=args.prefix_cache == "on" and not args.distributed,  # not across ranks yet
+        distributed=args.distributed,
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
         idle_frame_timeout_s=args.idle_frame_timeout,
@@ -103,10 +104,29 @@ def _serve(args: argparse.Namespace) -> int:
         config.model, why = default_model()
         if why:
             structlog.get_logger("mlxd").warning("default model", model=config.model, reason=why)
+    from .distributed import DistributedError
+    from .lockstep import GroupLost
+
     try:
+        if args.distributed:
+            from . import distributed
+
+            if distributed.init_group().rank() != 0:
+                code = distributed.run_follower(config)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # as below: no teardown of the shard's arrays
         runner = run_stdio if args.stdio else run_daemon
         anyio.run(lambda: runner(config), backend=args.backend)
-    except (SocketSetupError, SocketPathTooLong, ConfigError, ModelLoadError, AddressError) as exc:
+    except (
+        SocketSetupError,
+        SocketPathTooLong,
+        ConfigError,
+        ModelLoadError,
+        AddressError,
+        DistributedError,
+        GroupLost,
+    ) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -263,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http-cors", metavar="ORIGIN", help="the one browser origin allowed to call the HTTP API"
+    )
+    serve.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a group started by mlx.launch: the model is split over the ranks, "
+        "rank 0 serves",
     )
     serve.add_argument("--log-level", default="info")
     add_activation_options(serve)

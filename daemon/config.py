@@ -78,6 +78,7 @@ class Config:
     prefill_step_size: int = 256
     max_batch: int = 32
     stdio: bool = False
+    distributed: bool = False  # rank 0 of an mlx.launch group (distributed.py)
     http: tuple[str, int] | None = None  # --http HOST:PORT: a TCP listener (token required)
     http_cors: str | None = None  # the one browser origin allowed to call the HTTP API
     activation_socket: str | None = None  # launchd Sockets key / systemd FileDescriptorName

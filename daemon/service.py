@@ -19,7 +19,7 @@ import structlog
 import mlxd
 from mlxd import rpc
 
-from . import BLAS, faults
+from . import BLAS, distributed, faults
 from .bridge import LoopBridge
 from .config import Config
 from .engine import Engine, Job, Update
@@ -97,11 +97,15 @@ class Daemon:
 
     async def start(self) -> None:
         self.bridge = LoopBridge()
-        self.engine = Engine(
-            self._emit,
-            prefill_step_size=self.config.prefill_step_size,
-            max_batch=self.config.max_batch,
-        )
+        if self.config.distributed:  # rank 0 of a group: the engine drives every rank
+            self.engine = distributed.make_engine(self)
+            distributed.attach(self)
+        else:
+            self.engine = Engine(
+                self._emit,
+                prefill_step_size=self.config.prefill_step_size,
+                max_batch=self.config.max_batch,
+            )
         self.engine.start()
         log.info("loading model", model=self.config.model)
         await self._load(self.config.model)
@@ -130,7 +134,8 @@ class Daemon:
         def load() -> LoadedModel:
             self.engine.set_model(None, None)  # unload first: two models may not fit
             mx.clear_cache()
-            loaded = load_model(spec, cache_dir, self.config.weights)
+            group = distributed.group() if self.config.distributed else None
+            loaded = load_model(spec, cache_dir, self.config.weights, group)
             self.engine.set_model(loaded.model, loaded.tokenizer)
             return loaded
 
@@ -374,6 +379,7 @@ class Daemon:
                 "disk_errors": list(self.sessions.disk_errors),
                 "prefix_cache": self.sessions.prefix_status(),
                 "socket": str(self.config.socket),
+                **({"distributed": distributed.status(engine)} if self.config.distributed else {}),  # type: ignore[arg-type]
             },
         )
 
