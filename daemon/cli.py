@@ -43,6 +43,7 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
         kv_bits=args.kv_bits,
         prefix_cache=args.prefix_cache == "on" and not args.distributed,  # not across ranks yet
         distributed=args.distributed,
+        rank_timeout_s=args.rank_timeout,
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
         idle_frame_timeout_s=args.idle_frame_timeout,
@@ -128,6 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
         GroupLost,
     ) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
+        if isinstance(exc, GroupLost):  # the engine thread may be stuck in a collective
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -289,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one rank of a group started by mlx.launch: the model is split over the ranks, "
         "rank 0 serves",
+    )
+    serve.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --distributed: an engine step the other ranks do not finish in this time "
+        "means a rank is lost (requests fail, the daemon exits 1)",
     )
     serve.add_argument("--log-level", default="info")
     add_activation_options(serve)

@@ -147,6 +147,7 @@ def make_engine(daemon: Daemon) -> LockstepEngine:
         daemon._emit,
         Channel(group()),
         on_lost,
+        rank_timeout_s=daemon.config.rank_timeout_s,
         prefill_step_size=daemon.config.prefill_step_size,
         max_batch=daemon.config.max_batch,
     )

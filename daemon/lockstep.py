@@ -21,12 +21,14 @@ wait for a plan to arrive: its sends are scheduled asynchronously.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import secrets
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -164,8 +166,9 @@ class _LeaderGenerator:
     def next(self) -> Any:
         engine = self._engine
         try:
-            engine.channel.send(engine.last_check, step=True)
-            result = self._gen.next()
+            with engine.talking():
+                engine.channel.send(engine.last_check, step=True)
+                result = self._gen.next()
         except Exception as exc:
             # The other ranks may have stepped or not: the group's state is unknown.
             raise engine.lose(exc) from exc
@@ -189,9 +192,14 @@ class LockstepEngine(Engine):
         emit: Callable[[list[tuple[Job, Update]]], None],
         channel: Channel,
         on_lost: Callable[[GroupLost], None],
+        *,
+        rank_timeout_s: float = 30.0,
         **kw: Any,
     ) -> None:
         super().__init__(emit, **kw)
+        self.rank_timeout_s = rank_timeout_s
+        self._busy_since: float | None = None  # a step or send under way on the group since
+        self._lost_lock = threading.Lock()
         self.channel = channel
         self.inserting: Job | None = None
         self.last_check = 0
@@ -206,7 +214,68 @@ class LockstepEngine(Engine):
 
     def _tick(self) -> None:
         while not self._ticker_stop.wait(_HEARTBEAT_S):
-            self.call(self._heartbeat, _log_error)
+            busy = self._busy_since
+            if busy is not None and time.monotonic() - busy > self.rank_timeout_s:
+                self._abandon()
+            elif self.lost is None:
+                self.call(self._heartbeat, _log_error)
+
+    @contextlib.contextmanager
+    def talking(self) -> Iterator[None]:
+        """Mark a step or send on the group, which the watchdog bounds (engine thread)."""
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
+
+    def _abandon(self) -> None:
+        """The engine thread has waited on the group past the bound (watchdog thread).
+
+        A collective whose peer died can block for good instead of raising (seen with the
+        ring backend when the peer is killed mid-step), so the engine thread may never come
+        back: every request it holds or has yet to take is failed from here."""
+        error = GroupLost(
+            f"the distributed group was lost: no rank answered for {self.rank_timeout_s:g} s "
+            "(a rank died or hangs); every rank must be restarted"
+        )
+        if not self._set_lost(error):
+            return
+        updates = [
+            (s.job, self._finish(s, "error", "", [], None, None, error=error))
+            for s in list(self._running.values())
+        ]
+        while True:  # submitted, not yet taken by the stuck thread
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                updates.append((arg, Update(outcome=_error_outcome(arg, error))))
+        self._emit(updates)
+
+    def call(
+        self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        if self.lost is not None:  # the engine thread may never take it: answer now
+            done(None, self.lost)
+            return
+        super().call(fn, done)
+
+    def submit(self, job: Job) -> None:
+        if self.lost is not None:
+            self._emit([(job, Update(outcome=_error_outcome(job, self.lost)))])
+            return
+        super().submit(job)
+
+    def _set_lost(self, error: GroupLost) -> bool:
+        with self._lost_lock:
+            if self.lost is not None:
+                return False
+            self.lost = error
+        log.error("%s", error)
+        self._on_lost(error)
+        return True
 
     def _heartbeat(self) -> None:
         if self.lost is not None or self.model is None:
@@ -215,21 +284,22 @@ class LockstepEngine(Engine):
             return  # steps (or a beat) talked to the group just now; beats queued by a load
         self.last_step = time.monotonic()
         try:
-            self.channel.send(self.last_check, step=False, wait=True)
+            with self.talking():
+                self.channel.send(self.last_check, step=False, wait=True)
         except Exception as exc:
             self.lose(exc)
 
     def lose(self, exc: BaseException) -> GroupLost:
         """Record that the group is gone (engine thread); the first time, tell the daemon."""
-        if self.lost is None:
-            self.lost = GroupLost(
-                exc.args[0]
-                if isinstance(exc, GroupLost)
-                else f"the distributed group was lost ({type(exc).__name__}: {exc}); "
+        self._set_lost(
+            exc
+            if isinstance(exc, GroupLost)
+            else GroupLost(
+                f"the distributed group was lost ({type(exc).__name__}: {exc}); "
                 "every rank must be restarted"
             )
-            log.error("%s", self.lost)
-            self._on_lost(self.lost)
+        )
+        assert self.lost is not None
         return self.lost
 
     def _generator(self) -> Any:
@@ -239,11 +309,7 @@ class LockstepEngine(Engine):
 
     def _insert(self, job: Job) -> None:
         if self.lost is not None:
-            now = time.perf_counter()
-            outcome = Outcome(
-                "error", "", [], None, len(job.prompt), 0, now, None, now, error=self.lost
-            )
-            self._emit([(job, Update(outcome=outcome))])
+            self._emit([(job, Update(outcome=_error_outcome(job, self.lost)))])
             return
         if job.temperature and job.seed is None:
             job.seed = secrets.randbits(63)  # chosen here and sent: every rank samples alike
@@ -257,7 +323,8 @@ class LockstepEngine(Engine):
         """Tell every rank to exit, then stop; raises GroupLost if the group was lost."""
         self._ticker_stop.set()
         self.call(self._send_exit, _log_error)
-        super().stop(timeout)
+        # A lost group's engine thread may be stuck in a collective for good: do not wait.
+        super().stop(1.0 if self.lost is not None else timeout)
         if self.lost is not None:
             raise self.lost
 
@@ -267,13 +334,19 @@ class LockstepEngine(Engine):
         self._close_generator()
         self.channel.ops.append(Exit())
         try:
-            self.channel.send(self.last_check, step=False, wait=True)
+            with self.talking():
+                self.channel.send(self.last_check, step=False, wait=True)
         except Exception as exc:
             self.lose(exc)
 
 
+def _error_outcome(job: Job, error: BaseException) -> Outcome:
+    now = time.perf_counter()
+    return Outcome("error", "", [], None, len(job.prompt), 0, now, None, now, error=error)
+
+
 def _log_error(result: Any, error: BaseException | None) -> None:
-    if error is not None:
+    if error is not None and not isinstance(error, GroupLost):
         log.error("lockstep call failed", exc_info=error)
 
 

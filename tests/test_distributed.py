@@ -1,0 +1,211 @@
+"""`mlxd serve --distributed` under mlx.launch: two localhost ranks, ring backend, builtin:small."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlxd.client import Client, RpcError
+from mlxd.rpc import ErrorCode
+
+from .daemon_proc import DaemonProcess, short_tmpdir
+
+PROMPTS = [
+    "The quick brown fox",
+    "def fib(n):",
+    "Once upon a time",
+    "SELECT * FROM",
+    "Hello there",
+    "import numpy as np",
+    "1, 2, 3, 5, 8,",
+    "Dear Sir or Madam",
+]
+# Two ranks on two shared cores: OpenBLAS's spinning threads would starve the other rank.
+ENV = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def _free_ports(n: int) -> int:
+    """A first port of `n` consecutive free loopback ports (the ring listens on each rank's)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = int(s.getsockname()[1])
+        try:
+            for p in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no free ports")
+
+
+def group(folder: Path, cache: Path, *args: str, ranks: int = 2) -> DaemonProcess:
+    """`mlx.launch -n RANKS --backend ring -- mlxd serve --distributed ...` (not yet started)."""
+    launch = [
+        str(Path(sys.executable).parent / "mlx.launch"),
+        "-n", str(ranks), "--backend", "ring", "--verbose",
+        "--starting-port", str(_free_ports(ranks)), "--",
+    ]  # fmt: skip
+    return DaemonProcess(
+        folder, cache, "--distributed", *args, model="builtin:small", env=ENV, launcher=launch
+    )
+
+
+def rank_exits(proc: DaemonProcess) -> dict[int, str]:
+    """What mlx.launch said of each rank's end: "completed" (exit 0) or its warning."""
+    ends: dict[int, str] = {}
+    for line in proc.lines:
+        for rank in range(8):
+            tag = f"Node with rank {rank} "
+            if tag in line:
+                ends[rank] = line.split(tag, 1)[1].split("\033")[0].strip()
+    return ends
+
+
+def greedy(sock: Path, prompts: list[str], max_tokens: int = 12) -> list[list[int]]:
+    def one(prompt: str) -> list[int]:
+        with Client(sock) as c:
+            return list(c.generate(prompt, max_tokens=max_tokens).tokens)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def streams_in_flight(
+    sock: Path, n: int, started: threading.Barrier
+) -> tuple[list[Any], list[threading.Thread]]:
+    """`n` streaming requests; each passes `started` after its first delta. Results: the final
+    result, or the RpcError that ended it."""
+    results: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        try:
+            with Client(sock) as c:
+                stream = c.stream(PROMPTS[i], max_tokens=400)
+                first = True
+                for _ in stream:
+                    if first:
+                        first = False
+                        started.wait(60)
+                results[i] = stream.result
+        except RpcError as exc:
+            results[i] = exc
+        finally:
+            if started.n_waiting and not started.broken:
+                started.abort()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+@pytest.fixture
+def folders(model_cache: Path) -> Iterator[tuple[Path, Path]]:
+    a, b = short_tmpdir(), short_tmpdir()
+    yield a, b
+    shutil.rmtree(a, ignore_errors=True)
+    shutil.rmtree(b, ignore_errors=True)
+
+
+def test_two_ranks_match_one_process_then_sigterm_drains_both(
+    model_cache: Path, folders: tuple[Path, Path]
+) -> None:
+    one = DaemonProcess(folders[0], model_cache, model="builtin:small", env=ENV).start()
+    try:
+        expected = greedy(one.socket, PROMPTS)
+    finally:
+        assert one.stop() == 0
+    proc = group(folders[1], model_cache, "--drain-timeout", "1").start(timeout=180)
+    try:
+        assert greedy(proc.socket, PROMPTS) == expected  # 8 concurrent, token for token
+        with Client(proc.socket) as c:
+            status = c.status()
+            dist = status.details["distributed"]
+            assert dist["world_size"] == 2 and dist["rank"] == 0 and dist["lost"] is None
+            assert dist["plans_sent"] > 0 and dist["plan_bytes_sent"] > 0
+            # A session would need every rank's shard of its cache: refused, not half-kept.
+            with pytest.raises(RpcError) as refused:
+                c.generate("Hi", session="s1", max_tokens=2)
+            assert refused.value.code == ErrorCode.INVALID_PARAMS
+            assert "--distributed" in refused.value.message
+        rank0 = dist["pids"][0]
+        started = threading.Barrier(5)
+        results, threads = streams_in_flight(proc.socket, 4, started)
+        started.wait(120)
+        import os
+
+        os.kill(rank0, signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(60) is not None
+    finally:
+        proc.kill()
+    # Each stream got its one reply: finished, or cut at the drain deadline with its text.
+    for r in results:
+        assert r is not None
+        if isinstance(r, RpcError):
+            assert r.code == ErrorCode.REQUEST_CANCELLED, r
+            assert r.data["text"]
+    assert rank_exits(proc) == {0: "completed", 1: "completed"}, proc.lines[-20:]
+
+
+def test_kill9_of_rank1_fails_inflight_requests_and_ends_rank0(
+    model_cache: Path, folders: tuple[Path, Path]
+) -> None:
+    proc = group(folders[0], model_cache, "--rank-timeout", "5").start(timeout=180)
+    try:
+        with Client(proc.socket) as c:
+            rank1 = c.status().details["distributed"]["pids"][1]
+        started = threading.Barrier(4)
+        results, threads = streams_in_flight(proc.socket, 3, started)
+        started.wait(120)
+        import os
+
+        t0 = time.monotonic()
+        os.kill(rank1, signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+        proc.wait(30)  # the whole group is gone within the bound, not hung
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert elapsed < 30
+    for r in results:
+        assert isinstance(r, RpcError), r  # every in-flight request answered with an error
+        assert r.code in (ErrorCode.INTERNAL_ERROR, ErrorCode.REQUEST_CANCELLED), r
+    errors = [r for r in results if r.code == ErrorCode.INTERNAL_ERROR]
+    assert all("distributed group was lost" in r.message for r in errors), errors
+    ends = rank_exits(proc)
+    assert ends[1] in ("exited with code -9", "was killed"), ends
+    assert ends[0] != "completed", ends  # rank 0 never exits 0 after losing a rank
+
+
+def test_model_that_cannot_be_split_is_one_line_on_every_rank(
+    model_cache: Path, folders: tuple[Path, Path]
+) -> None:
+    proc = group(folders[0], model_cache)
+    proc.args[proc.args.index("builtin:small")] = "builtin:smollm2"
+    proc.spawn()
+    try:
+        proc.wait(180)
+    finally:
+        proc.kill()
+    refusals = [
+        x for x in proc.lines if x.startswith("mlxd: ") and "cannot split it over 2 ranks" in x
+    ]
+    assert len(refusals) == 2, proc.lines[-20:]  # one line from each rank
+    assert "9 attention heads and 3 KV heads do not divide by 2" in refusals[0]
+    assert rank_exits(proc) == {0: "exited with code 1", 1: "exited with code 1"}, proc.lines[-10:]
+    assert not any("Traceback" in x for x in proc.lines)
