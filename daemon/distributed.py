@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,9 +122,11 @@ def run_follower(config: Config) -> int:
         print(f"mlxd: {exc}", file=sys.stderr, flush=True)
         return 1
     log.info("rank ready", rank=g.rank(), size=g.size(), fingerprint=loaded.fingerprint[:16])
+    channel = Channel(g)
+    _watch_rank0(channel, config.rank_timeout_s)
     try:
         follow(
-            Channel(g),
+            channel,
             loaded.model,
             loaded.tokenizer,
             max_batch=config.max_batch,
@@ -134,6 +138,26 @@ def run_follower(config: Config) -> int:
         return 1
     log.info("rank stopped", rank=g.rank())
     return 0
+
+
+def _watch_rank0(channel: Any, timeout_s: float) -> None:
+    """Exit 1 when no plan comes for `timeout_s`: rank 0 sends one every second even when
+    idle, and a collective whose peer died can block for good instead of failing."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            silent = time.monotonic() - channel.received_at
+            if silent > timeout_s:
+                print(
+                    f"mlxd: rank {channel.rank}: no plan from rank 0 for {silent:.0f} s "
+                    "(rank 0 died or hangs); every rank must be restarted",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mlxd-rank0-watch", daemon=True).start()
 
 
 def make_engine(daemon: Daemon) -> LockstepEngine:

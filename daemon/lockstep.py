@@ -98,6 +98,7 @@ class Channel:
         self.sends = 0
         self.send_s = 0.0  # rank 0: time spent scheduling plans (they are not waited for)
         self._inflight: list[mx.array] = []
+        self.received_at = time.monotonic()  # any other rank: when the last plan came
 
     def _all_sum(self, x: mx.array) -> mx.array:
         with mx.stream(generation_stream):
@@ -129,6 +130,7 @@ class Channel:
         if n:
             data = self._all_sum(mx.zeros((n,), mx.uint8))
             ops = _decode(np.array(data).tobytes())
+        self.received_at = time.monotonic()
         return ops, check, bool(step)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -145,8 +146,6 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
         started = threading.Barrier(5)
         results, threads = streams_in_flight(proc.socket, 4, started)
         started.wait(120)
-        import os
-
         os.kill(rank0, signal.SIGTERM)
         for t in threads:
             t.join(60)
@@ -173,8 +172,6 @@ def test_kill9_of_rank1_fails_inflight_requests_and_ends_rank0(
         started = threading.Barrier(4)
         results, threads = streams_in_flight(proc.socket, 3, started)
         started.wait(120)
-        import os
-
         t0 = time.monotonic()
         os.kill(rank1, signal.SIGKILL)
         for t in threads:
@@ -236,3 +233,24 @@ def test_shardable_rule_names_what_does_not_divide(tmp_path: Path) -> None:
         check_shardable(config(9, 3, 1536), 2)  # SmolLM2-135M
     with pytest.raises(ValueError, match=r"^cannot split it over 4 ranks: 6 KV heads do not"):
         check_shardable(config(12, 6, 2560), 4)
+
+
+@pytest.mark.stress  # ~30 s: a group of its own
+def test_kill9_of_rank0_ends_rank1_within_the_bound(
+    model_cache: Path, folders: tuple[Path, Path]
+) -> None:
+    proc = group(folders[0], model_cache, "--rank-timeout", "5").start(timeout=180)
+    try:
+        with Client(proc.socket) as c:
+            c.generate("Hello", max_tokens=4)
+            rank0 = c.status().details["distributed"]["pids"][0]
+        t0 = time.monotonic()
+        os.kill(rank0, signal.SIGKILL)
+        proc.wait(30)  # rank 1 does not wait for a plan that never comes
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert elapsed < 30
+    ends = rank_exits(proc)
+    assert ends[0] in ("exited with code -9", "was killed"), ends
+    assert ends[1] != "completed", ends
