@@ -21,7 +21,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import activation, agents, latency, memory, mlx_server, resume, soak, throughput, weights
+from bench import (
+    activation,
+    agents,
+    distributed,
+    latency,
+    memory,
+    mlx_server,
+    resume,
+    soak,
+    throughput,
+    weights,
+)
 from bench.common import MODEL_CACHE, loadavg, machine
 
 SUITES: dict[str, Any] = {
@@ -34,6 +45,7 @@ SUITES: dict[str, Any] = {
     "soak": soak.run,
     "activation": activation.run,
     "weights": weights.run,
+    "distributed": distributed.run,
 }
 # Suites whose report section, headline rows and plot live in their own module.
 MODULES: dict[str, Any] = {
@@ -43,6 +55,7 @@ MODULES: dict[str, Any] = {
     "soak": soak,
     "activation": activation,
     "weights": weights,
+    "distributed": distributed,
 }
 
 # latency is slow (minutes even with --quick) and has no targets: run it by name; soak

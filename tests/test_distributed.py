@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bench.distributed import launch_command
 from mlxd.client import Client, RpcError
 from mlxd.rpc import ErrorCode
 
@@ -32,35 +31,15 @@ PROMPTS = [
     "1, 2, 3, 5, 8,",
     "Dear Sir or Madam",
 ]
-# Two ranks on two shared cores: OpenBLAS's spinning threads would starve the other rank.
+# The one-process side runs as the ranks do (mlx.launch gives them this).
 ENV = {"OPENBLAS_NUM_THREADS": "1"}
-
-
-def _free_ports(n: int) -> int:
-    """A first port of `n` consecutive free loopback ports (the ring listens on each rank's)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = int(s.getsockname()[1])
-        try:
-            for p in range(first, first + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError("no free ports")
 
 
 def group(folder: Path, cache: Path, *args: str, ranks: int = 2) -> DaemonProcess:
     """`mlx.launch -n RANKS --backend ring -- mlxd serve --distributed ...` (not yet started)."""
-    launch = [
-        str(Path(sys.executable).parent / "mlx.launch"),
-        "-n", str(ranks), "--backend", "ring", "--verbose",
-        "--starting-port", str(_free_ports(ranks)), "--",
-    ]  # fmt: skip
+    launch = launch_command(ranks, "--verbose")
     return DaemonProcess(
-        folder, cache, "--distributed", *args, model="builtin:small", env=ENV, launcher=launch
+        folder, cache, "--distributed", *args, model="builtin:small", launcher=launch
     )
 
 
