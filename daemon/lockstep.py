@@ -224,12 +224,26 @@ class LockstepEngine(Engine):
 
     @contextlib.contextmanager
     def talking(self) -> Iterator[None]:
-        """Mark a step or send on the group, which the watchdog bounds (engine thread)."""
-        self._busy_since = time.monotonic()
+        """Mark work that may wait on the group, which the watchdog bounds (engine thread).
+
+        Not only the collectives: once a peer is gone, any evaluation that depends on the
+        step still in flight (a removal slicing the batch) can block as well."""
+        outer = self._busy_since is None
+        if outer:
+            self._busy_since = time.monotonic()
         try:
             yield
         finally:
-            self._busy_since = None
+            if outer:
+                self._busy_since = None
+
+    def step(self) -> bool:
+        with self.talking():
+            return super().step()
+
+    def _cancel(self, job: Job, error: BaseException | None = None) -> None:
+        with self.talking():
+            super()._cancel(job, error)
 
     def _abandon(self) -> None:
         """The engine thread has waited on the group past the bound (watchdog thread).
@@ -317,7 +331,8 @@ class LockstepEngine(Engine):
             job.seed = secrets.randbits(63)  # chosen here and sent: every rank samples alike
         self.inserting = job
         try:
-            super()._insert(job)
+            with self.talking():
+                super()._insert(job)
         finally:
             self.inserting = None
 
