@@ -86,10 +86,10 @@ def check_shardable(folder: Path, size: int) -> None:
 
 
 def shard(folder: Path, g: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """This rank's shard of the model in `folder`, with its tokenizer and config."""
+    """This rank's shard of the model in `folder` (check_shardable first), with its
+    tokenizer and config."""
     from mlx_lm.utils import sharded_load
 
-    check_shardable(folder, g.size())
     return sharded_load(str(folder), tensor_group=g, return_config=True)
 
 

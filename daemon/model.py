@@ -99,6 +99,11 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto", group: Any = N
     mx.distributed `group`, this rank's tensor-parallel shard."""
     mode = resolve_weights(weights)
     folder = resolve_folder(spec, cache_dir)
+    if group is not None:  # before hashing the weights: every rank refuses at once
+        try:
+            distributed.check_shardable(folder, group.size())
+        except ValueError as e:
+            raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {e}") from e
     fp = fingerprint(folder, memo_file=cache_dir / "fingerprints.json")
     try:
         # Lazy, so a float16 checkpoint is cast before it is ever materialised.

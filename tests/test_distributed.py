@@ -71,25 +71,32 @@ def streams_in_flight(
     results: list[Any] = [None] * n
 
     def run(i: int) -> None:
+        reached = False
         try:
             with Client(sock) as c:
                 stream = c.stream(PROMPTS[i], max_tokens=400)
-                first = True
                 for _ in stream:
-                    if first:
-                        first = False
-                        started.wait(60)
+                    if not reached:
+                        reached = True
+                        started.wait(180)
                 results[i] = stream.result
-        except RpcError as exc:
+        except (RpcError, threading.BrokenBarrierError) as exc:
             results[i] = exc
         finally:
-            if started.n_waiting and not started.broken:
-                started.abort()
+            if not reached:
+                started.abort()  # no first delta: the test fails, it does not wait
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
     return results, threads
+
+
+def wait_started(started: threading.Barrier, results: list[Any]) -> None:
+    try:
+        started.wait(180)
+    except threading.BrokenBarrierError:
+        raise AssertionError(f"a stream got no first delta: {results}") from None
 
 
 @pytest.fixture
@@ -124,7 +131,7 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
         rank0 = dist["pids"][0]
         started = threading.Barrier(5)
         results, threads = streams_in_flight(proc.socket, 4, started)
-        started.wait(120)
+        wait_started(started, results)
         os.kill(rank0, signal.SIGTERM)
         for t in threads:
             t.join(60)
@@ -150,7 +157,7 @@ def test_kill9_of_rank1_fails_inflight_requests_and_ends_rank0(
             rank1 = c.status().details["distributed"]["pids"][1]
         started = threading.Barrier(4)
         results, threads = streams_in_flight(proc.socket, 3, started)
-        started.wait(120)
+        wait_started(started, results)
         t0 = time.monotonic()
         os.kill(rank1, signal.SIGKILL)
         for t in threads:
@@ -184,7 +191,9 @@ def test_model_that_cannot_be_split_is_one_line_on_every_rank(
     refusals = [
         x for x in proc.lines if x.startswith("mlxd: ") and "cannot split it over 2 ranks" in x
     ]
-    assert len(refusals) == 2, proc.lines[-20:]  # one line from each rank
+    # Each rank checks before loading anything; mlx.launch stops the others at the first
+    # exit, so a slower rank may be stopped before it says so itself.
+    assert refusals, proc.lines[-20:]
     assert "9 attention heads and 3 KV heads do not divide by 2" in refusals[0]
     # Neither serves nor hangs. The first to exit (1) makes mlx.launch stop the other, which
     # may then end by its SIGTERM instead of its own exit 1.
