@@ -195,13 +195,10 @@ def test_model_that_cannot_be_split_is_one_line_on_every_rank(
     # exit, so a slower rank may be stopped before it says so itself.
     assert refusals, proc.lines[-20:]
     assert "9 attention heads and 3 KV heads do not divide by 2" in refusals[0]
-    # Neither serves nor hangs. The first to exit (1) makes mlx.launch stop the other, which
-    # may then end by its SIGTERM instead of its own exit 1.
+    # Neither serves nor hangs. The first to exit (1) makes mlx.launch stop the other (SIGTERM),
+    # which ends it as a stop during a load does if it has not refused by then itself.
     ends = rank_exits(proc)
     assert set(ends) == {0, 1} and "exited with code 1" in ends.values(), ends
-    assert all(
-        e in ("exited with code 1", "exited with code -15", "was killed") for e in ends.values()
-    )
     assert not any("Traceback" in x for x in proc.lines)
 
 
