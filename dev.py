@@ -109,6 +109,9 @@ def mypy_tree() -> Path:
     tree = VENV / "mypy-src"
     links = {
         "__init__.py": "mlxd_pkg/__init__.py",
+        "__main__.py": "mlxd_pkg/__main__.py",
+        "cli.py": "mlxd_pkg/cli.py",
+        "paths.py": "mlxd_pkg/paths.py",
         "rpc": "rpc",
         "daemon": "daemon",
         "client": "clients/python",

@@ -35,7 +35,8 @@ __all__ = [
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mlxd.daemon.paths import cache_dir  # noqa: E402  (mlxd.daemon loads OpenBLAS first)
+import mlxd.daemon  # noqa: E402, F401  (loads OpenBLAS before mlx, as the daemon does)
+from mlxd.paths import cache_dir  # noqa: E402
 
 # Where the built-in models are generated on first use: $MLXD_CACHE_DIR, else the daemon's
 # default, so the benchmark and the daemon share one copy.
@@ -260,8 +261,6 @@ def _version(dist: str) -> str:
 def machine(status: Any | None = None) -> dict[str, Any]:
     """The machine, the MLX build and (from a daemon's `status`) BLAS and the model."""
     import mlx.core as mx
-
-    import mlxd.daemon  # noqa: F401  (loads OpenBLAS before mlx, as the daemon does)
 
     info: dict[str, Any] = {
         "cores": os.cpu_count(),

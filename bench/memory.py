@@ -30,7 +30,7 @@ KV_PER_TOKEN = r"""
 import json, os, sys
 from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx
-from mlxd.daemon.model import load_model
+from mlxd.daemon.models.model import load_model
 m = load_model(sys.argv[1], Path(os.environ["MLXD_CACHE_DIR"]))
 print(json.dumps(m.kv_bytes_per_token))
 """

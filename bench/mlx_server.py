@@ -48,7 +48,7 @@ LAUNCHER = r"""
 import json, os, shutil, sys, tempfile
 from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx.core, as in the daemon
-from mlxd.daemon.model import resolve_folder, resolve_weights
+from mlxd.daemon.models.model import resolve_folder, resolve_weights
 
 spec = sys.argv[1]
 folder = resolve_folder(spec, Path(os.environ["MLXD_CACHE_DIR"]))

@@ -36,14 +36,15 @@ LOADER = r"""
 import json, os, sys, time
 from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx
-from mlxd.daemon import persistence
-from mlxd.daemon.model import load_model
+from mlxd.daemon.kv import cachefile
+from mlxd.daemon.kv import snapshot as kvsnap
+from mlxd.daemon.models.model import load_model
 
 m = load_model(sys.argv[1], Path(os.environ["MLXD_CACHE_DIR"]))
 out = {}
 for name in sys.argv[2:]:
     path = Path(name)
-    row = {"n_tokens": int(persistence.read_metadata(path)["n_tokens"]), "bytes": path.stat().st_size,
+    row = {"n_tokens": int(cachefile.read_metadata(path)["n_tokens"]), "bytes": path.stat().st_size,
            "page_cache_ms": [], "dropped_ms": []}
     for _ in range(3):
         for key in ("dropped_ms", "page_cache_ms"):
@@ -52,9 +53,9 @@ for name in sys.argv[2:]:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
             t0 = time.perf_counter()
-            snap = persistence.read_snapshot(path, fingerprint=m.fingerprint, num_layers=m.num_layers,
+            snap = cachefile.read_snapshot(path, fingerprint=m.fingerprint, num_layers=m.num_layers,
                                              kv_heads=m.kv_heads, head_dim=m.head_dim, dtype=m.dtype)
-            persistence.restore(snap)  # evaluates the mlx arrays
+            kvsnap.restore(snap)  # evaluates the mlx arrays
             row[key].append((time.perf_counter() - t0) * 1000)
     out[name] = row
 print(json.dumps(out))

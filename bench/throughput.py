@@ -43,7 +43,7 @@ from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx, as in the daemon
 from mlx.utils import tree_flatten
 from mlx_lm.generate import batch_generate, stream_generate
-from mlxd.daemon.model import load_model
+from mlxd.daemon.models.model import load_model
 
 spec, max_tokens, texts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 m = load_model(spec, Path(os.environ["MLXD_CACHE_DIR"]))

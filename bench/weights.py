@@ -36,7 +36,7 @@ import json, os, sys, time
 from pathlib import Path
 import mlxd.daemon  # OpenBLAS before mlx
 from mlx_lm import stream_generate
-from mlxd.daemon.model import load_model
+from mlxd.daemon.models.model import load_model
 spec, mode, prompt, max_tokens, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 m = load_model(spec, Path(os.environ["MLXD_CACHE_DIR"]), weights=mode)
 tokens = m.tokenizer.encode(prompt)

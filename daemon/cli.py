@@ -1,29 +1,21 @@
-"""The `mlxd` command: serve, generate, status, and the service commands."""
+"""The `mlxd` command with the daemon: serve and the service commands, beside the client ones."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from mlxd.rpc import SocketPathTooLong, check_socket_path, default_socket_path
+from mlxd.client.cli import Parser, add_client_commands, run
+from mlxd.client.cli import socket_default as default_socket
+from mlxd.rpc import SocketPathTooLong
 
 if TYPE_CHECKING:
-    from mlxd.client import Client
-
     from .config import Config
 
 __all__ = ["main"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line (the usage itself is one `--help` away)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class _Refused(Exception):
@@ -75,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     # A stop while the imports run (seconds, before the drain's signal watcher is up): there
     # is nothing to save yet, so it is a clean exit, not death by SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    from .http import AddressError, parse_http_address
+    from .transport.http import AddressError, parse_http_address
 
     try:  # refused before the slow imports: a mistake is told at once
         http = parse_http_address(args.http, args.http_allow_remote) if args.http else None
@@ -86,9 +78,10 @@ def _serve(args: argparse.Namespace) -> int:
     import anyio
 
     from .config import ConfigError
-    from .lifecycle import SocketSetupError, run_daemon, run_stdio
     from .logs import configure_logging
-    from .model import ModelLoadError
+    from .models.model import ModelLoadError
+    from .service.lifecycle import run_daemon, run_stdio
+    from .transport.listeners import SocketSetupError
 
     try:
         config = _config(args, http)
@@ -100,17 +93,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is None:
         import structlog
 
-        from .smollm2 import default_model
+        from .models.smollm2 import default_model
 
         config.model, why = default_model()
         if why:
             structlog.get_logger("mlxd").warning("default model", model=config.model, reason=why)
-    from .distributed import DistributedError
-    from .lockstep import GroupLost
+    from .engine.lockstep import GroupLost
+    from .service.distributed import DistributedError
 
     try:
         if args.distributed:
-            from . import distributed
+            from .service import distributed
 
             if distributed.init_group().rank() != 0:
                 code = distributed.run_follower(config)
@@ -143,88 +136,16 @@ def _serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-def _token(args: argparse.Namespace) -> int:
-    from .http import load_token
-    from .paths import state_dir
-
-    folder = Path(args.state_dir).expanduser().absolute() if args.state_dir else state_dir()
-    print(load_token(folder))
-    return 0
-
-
-def _client(args: argparse.Namespace) -> Client:
-    from mlxd.client import Client
-
-    check_socket_path(args.socket)  # too long: one line from main(), not an OSError
-    return Client(args.socket, wait=getattr(args, "wait", 0.0))
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from mlxd.client import RpcError
-
-    from .chat import sanitize
-
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    if args.seed is not None:
-        sampling["seed"] = args.seed
-    try:
-        with _client(args) as client:
-            stream = client.stream(args.prompt, session=args.session, **sampling)
-            # A terminal must not obey escape sequences a model emits; a pipe gets raw text.
-            show = sanitize if sys.stdout.isatty() else str
-            for delta in stream:
-                sys.stdout.write(show(delta.text))
-                sys.stdout.flush()
-            result = stream.result
-    except (RpcError, ConnectionError) as exc:
-        print(f"\nmlxd: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.write("\n")
-    if result is not None and args.verbose:
-        usage, timings = result.usage, result.timings
-        print(
-            f"[{usage.prompt_tokens} prompt tokens ({usage.cached_tokens} cached), "
-            f"{usage.completion_tokens} generated, ttft {timings.ttft_ms:.0f} ms, "
-            f"{timings.tokens_per_s:.1f} tok/s, {result.finish_reason}]",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    import msgspec
-
-    from mlxd.client import RpcError
-
-    try:
-        with _client(args) as client:
-            status = client.status()
-    except (RpcError, ConnectionError) as exc:
-        print(f"mlxd: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(msgspec.to_builtins(status), indent=2))
-    return 0
-
-
-def _chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
-
-    return run_chat(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from mlxd.launchd import add_service_commands
 
-    from .idle import add_activation_options
+    from .service.idle import add_activation_options
 
-    parser: argparse.ArgumentParser = _Parser(
+    parser: argparse.ArgumentParser = Parser(
         prog="mlxd", description="A local LLM inference sidecar."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    try:
-        socket_default = str(default_socket_path())
-    except SocketPathTooLong as exc:  # a too-long $MLXD_SOCKET: said when a command uses it
-        socket_default = os.environ.get("MLXD_SOCKET", str(exc))
+    socket_default = default_socket()
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument(
@@ -306,50 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_activation_options(serve)
     serve.set_defaults(func=_serve)
 
-    token = sub.add_parser("token", help="print the API token the HTTP port requires")
-    token.add_argument("--state-dir", help="the daemon's state folder")
-    token.set_defaults(func=_token)
-
-    gen = sub.add_parser("generate", help="stream a completion to the terminal")
-    gen.add_argument("prompt")
-    gen.add_argument("--socket", default=socket_default)
-    gen.add_argument("--session")
-    gen.add_argument("--max-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings")
-    gen.add_argument(
-        "--wait",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="wait this long for a daemon that is starting (default 30)",
-    )
-    gen.set_defaults(func=_generate)
-
-    status = sub.add_parser("status", help="print the daemon's status as JSON")
-    status.add_argument("--socket", default=socket_default)
-    status.set_defaults(func=_status)
-
-    chat = sub.add_parser("chat", help="chat with the model in the terminal")
-    chat.add_argument("--socket", default=socket_default)
-    chat.add_argument("--session", help="keep the conversation under this name, to resume it")
-    chat.add_argument("--max-tokens", type=int, default=512, help="per reply")
-    chat.add_argument("--temperature", type=float, default=0.0)
-    chat.add_argument("--system", help="system prompt (replaces a resumed one)")
-    chat.set_defaults(func=_chat)
-
+    add_client_commands(sub, socket_default)
     add_service_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except SocketPathTooLong as exc:
-        print(f"mlxd: {exc}", file=sys.stderr)
-        return 1
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from mlxd.paths import cache_dir, state_dir
 from mlxd.rpc import (
     DEFAULT_MAX_FRAME_BYTES,
     SocketPathTooLong,
     check_socket_path,
     default_socket_path,
 )
-
-from .paths import cache_dir, state_dir
 
 __all__ = ["Config", "ConfigError", "default_kv_budget", "parse_bytes"]
 

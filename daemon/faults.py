@@ -5,7 +5,7 @@ Points: ENGINE_STEPS (a whole batch step), TOKEN (per-token handling on the engi
 thread), DELIVER (handing an update to its request on the loop), COMMIT (a session's
 commit after its turn), PREFIX_COLLIDE (read once at start-up: every prefix index key is
 the same, so only the token comparison tells prefixes apart). The session file writes
-keep their own MLXD_FAULT_WRITE_* reads in persistence.py, which crash tests load as a
+keep their own MLXD_FAULT_WRITE_* reads in kv/cachefile.py, which crash tests load as a
 lone file, without this package.
 """
 

@@ -37,7 +37,7 @@ def _idle_exit_s(args: argparse.Namespace) -> float:
     text = getattr(args, "idle_exit", None)
     if text is None:
         return DEFAULT_IDLE_EXIT_S
-    from mlxd.daemon.idle import parse_duration  # the daemon's own reading of it
+    from mlxd.daemon.service.idle import parse_duration  # the daemon's own reading of it
 
     return parse_duration(text)
 

@@ -6,10 +6,10 @@ a writer per "fork" line on stdin and prints "child PID"; the child writes versi
 write and "PID wrote K" after it, forever, until the test SIGKILLs it; then this process
 prints "reaped PID SIGNAL" and waits for the next line.
 
-The writers run daemon/persistence.py's own write_snapshot, loaded from its file with
-stand-ins for mlx and mlx-lm: their imports take over a second (mlx-lm imports
-transformers) and start thread pools, and forking a process with those threads can
-hang. Writing a file needs neither; only numpy and safetensors.
+The writers run daemon/kv/cachefile.py's own write_snapshot, loaded from its file alone:
+the daemon package loads OpenBLAS, and mlx and mlx-lm take over a second (mlx-lm imports
+transformers) and start thread pools; forking a process with those threads can hang.
+Writing a file needs none of them (cachefile.py imports no MLX); only numpy and safetensors.
 """
 
 from __future__ import annotations
@@ -23,15 +23,10 @@ from typing import Any
 
 import numpy as np
 
-PERSISTENCE = Path(__file__).resolve().parent.parent / "daemon" / "persistence.py"
+PERSISTENCE = Path(__file__).resolve().parent.parent / "daemon" / "kv" / "cachefile.py"
 
 
 def _load_persistence() -> types.ModuleType:
-    stand_in = types.ModuleType("mlx_lm.models.cache")
-    stand_in.KVCache = stand_in.QuantizedKVCache = type("NotHere", (), {})  # type: ignore[attr-defined]
-    for name in ("mlx", "mlx.core", "mlx_lm", "mlx_lm.models"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules.setdefault("mlx_lm.models.cache", stand_in)
     spec = importlib.util.spec_from_file_location("crash_persistence", PERSISTENCE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

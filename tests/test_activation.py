@@ -22,12 +22,12 @@ import pytest
 
 from mlxd import rpc
 from mlxd.client import AsyncClient, Client, DaemonNotRunning
-from mlxd.daemon import activation
-from mlxd.daemon.activation import ActivationError, inherited_socket, launchd_sockets
 from mlxd.daemon.config import Config
-from mlxd.daemon.idle import IdleWatcher, parse_duration
-from mlxd.daemon.lifecycle import run_daemon
-from mlxd.daemon.model import ModelLoadError
+from mlxd.daemon.models.model import ModelLoadError
+from mlxd.daemon.service.idle import IdleWatcher, parse_duration
+from mlxd.daemon.service.lifecycle import run_daemon
+from mlxd.daemon.transport import activation
+from mlxd.daemon.transport.activation import ActivationError, inherited_socket, launchd_sockets
 
 from .daemon_proc import DaemonProcess, RawConnection
 
@@ -178,7 +178,7 @@ def test_systemd_variables_for_another_process_are_ignored_and_cleared() -> None
 
 CHILD = """
 import fcntl, json, os
-from mlxd.daemon.activation import inherited_socket
+from mlxd.daemon.transport.activation import inherited_socket
 sock = inherited_socket("Listener")
 print(json.dumps({
     "path": sock.getsockname(), "fd": sock.fileno(),

@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mlxd import rpc
-from mlxd.daemon import persistence
-from mlxd.daemon.engine import Job, Outcome, Update
-from mlxd.daemon.generation import _admit
-from mlxd.daemon.pool import BlockPool
-from mlxd.daemon.sessions import CacheOps, ModelShape, Session, SessionStore
-from mlxd.daemon.turns import Turn
+from mlxd.daemon.engine.engine import Job, Outcome, Update
+from mlxd.daemon.kv import cachefile
+from mlxd.daemon.kv.pool import BlockPool
+from mlxd.daemon.kv.sessions import CacheOps, ModelShape, Session, SessionStore
+from mlxd.daemon.kv.turns import Turn
+from mlxd.daemon.service.generation import _admit
 
 BLOCK = 256
 HEAD_DIM = 2
@@ -53,13 +53,13 @@ def _nbytes(cache: Sequence[Any]) -> int:
     return len(cache[0].tokens) * PER_TOKEN
 
 
-def _snapshot(cache: Sequence[Any], tokens: Sequence[int], kv_bits: int) -> persistence.Snapshot:
+def _snapshot(cache: Sequence[Any], tokens: Sequence[int], kv_bits: int) -> cachefile.Snapshot:
     n = len(tokens)
     arrays = {
         "layers.0.keys": np.zeros((1, 1, n, HEAD_DIM), np.float32),
         "layers.0.values": np.zeros((1, 1, n, HEAD_DIM), np.float32),
     }
-    return persistence.Snapshot(list(tokens), arrays, 0, 0, "float32", 1)
+    return cachefile.Snapshot(list(tokens), arrays, 0, 0, "float32", 1)
 
 
 FAKE = CacheOps(

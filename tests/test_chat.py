@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlxd.client import Client
-from mlxd.daemon.chat import sanitize
+from mlxd.client.chat import sanitize
 
 from .daemon_proc import DaemonProcess
 

@@ -17,9 +17,9 @@ from typing import IO
 import numpy as np
 
 from mlxd.client import Client
-from mlxd.daemon import persistence
-from mlxd.daemon.builtin_model import BUILTIN_MODELS, ensure_builtin
-from mlxd.daemon.model import fingerprint
+from mlxd.daemon.kv import cachefile
+from mlxd.daemon.models.builtin_model import BUILTIN_MODELS, ensure_builtin
+from mlxd.daemon.models.model import fingerprint
 
 from . import crash_writer
 from .daemon_proc import DaemonProcess
@@ -56,9 +56,9 @@ class _Progress:
                 return line
 
 
-def _version(path: Path, fp: str, versions: list[persistence.Snapshot]) -> int:
+def _version(path: Path, fp: str, versions: list[cachefile.Snapshot]) -> int:
     """Which version the file holds (it must load, fully validated, as one of them)."""
-    snap = persistence.read_snapshot(
+    snap = cachefile.read_snapshot(
         path,
         fingerprint=fp,
         num_layers=TINY.num_layers,
@@ -73,7 +73,7 @@ def _version(path: Path, fp: str, versions: list[persistence.Snapshot]) -> int:
 
 
 def _temps(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir() if p.name.endswith(persistence.TEMP_SUFFIX)}
+    return {p.name for p in folder.iterdir() if p.name.endswith(cachefile.TEMP_SUFFIX)}
 
 
 def test_sigkill_during_saves_leaves_the_old_or_the_new_file(
@@ -83,9 +83,7 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_file(
     folder = short_dir / "state" / "sessions" / fp[:16]
     folder.mkdir(parents=True)
     path = folder / "crash.safetensors"
-    versions = crash_writer.snapshots(
-        TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, persistence
-    )
+    versions = crash_writer.snapshots(TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, cachefile)
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     shape = [str(TINY.num_layers), str(TINY.num_kv_heads), str(TINY.head_dim)]

@@ -203,7 +203,7 @@ def test_model_that_cannot_be_split_is_one_line_on_every_rank(
 
 
 def test_shardable_rule_names_what_does_not_divide(tmp_path: Path) -> None:
-    from mlxd.daemon.distributed import check_shardable
+    from mlxd.daemon.models.sharding import check_shardable
 
     def config(heads: int, kv: int, mlp: int) -> Path:
         (tmp_path / "config.json").write_text(

@@ -21,8 +21,8 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 from mlxd.daemon.config import Config
-from mlxd.daemon.server import RequestContext
-from mlxd.daemon.service import Daemon, State
+from mlxd.daemon.service.service import Daemon, State
+from mlxd.daemon.transport.server import RequestContext
 
 from .daemon_proc import DaemonProcess, RawConnection, other_tiny_model
 

@@ -123,7 +123,7 @@ def test_kv_bits_4_on_a_head_dim_quantize_refuses_fails_only_that_request(
 ) -> None:
     # A real per-token failure: head_dim 32 is not a multiple of the quantization group
     # (64), so quantizing a session's cache at the end of its turn raises in mx.quantize.
-    from mlxd.daemon.builtin_model import BuiltinSpec, _write_model
+    from mlxd.daemon.models.builtin_model import BuiltinSpec, _write_model
 
     folder = short_dir / "head-dim-32"
     spec = BuiltinSpec(

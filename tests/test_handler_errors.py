@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mlxd import rpc
-from mlxd.daemon.server import RequestContext, RpcServer
+from mlxd.daemon.transport.server import RequestContext, RpcServer
 
 
 def _request(line: bytes) -> rpc.Request:

@@ -394,7 +394,7 @@ def test_cors_only_for_the_configured_origin(served: Served) -> None:
 
 
 def test_http_address_and_token_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlxd.daemon.http import AddressError, load_token, parse_http_address
+    from mlxd.daemon.transport.http import AddressError, load_token, parse_http_address
 
     assert parse_http_address("127.0.0.1:8080", False) == ("127.0.0.1", 8080)
     assert parse_http_address("[::1]:9", False) == ("::1", 9)

@@ -20,8 +20,8 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from safetensors.numpy import load_file
 
-from mlxd.daemon.builtin_model import BUILTIN_MODELS, VERSION, ensure_builtin
-from mlxd.daemon.model import LoadedModel, ModelLoadError, fingerprint, load_model
+from mlxd.daemon.models.builtin_model import BUILTIN_MODELS, VERSION, ensure_builtin
+from mlxd.daemon.models.model import LoadedModel, ModelLoadError, fingerprint, load_model
 
 # sha256 over (name, raw float32 bytes) of every tiny weight. If numpy ever changes
 # the default_rng stream, this fails: then bump builtin_model.VERSION.

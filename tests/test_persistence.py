@@ -1,4 +1,4 @@
-"""mlxd.daemon.persistence: exact round-trips on the tiny model, validation, atomic writes."""
+"""mlxd.daemon.kv.persistence: exact round-trips on the tiny model, validation, atomic writes."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import safetensors.numpy
 from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from mlxd.daemon import persistence as P
-from mlxd.daemon.builtin_model import ensure_builtin
-from mlxd.daemon.persistence import CacheFileError
+from mlxd.daemon.kv import cachefile as P
+from mlxd.daemon.kv import snapshot as KV
+from mlxd.daemon.kv.cachefile import CacheFileError
+from mlxd.daemon.models.builtin_model import ensure_builtin
 
 FP = "fingerprint-of-the-test-model"
 # <|bos|> then bytes: the built-in tokenizer maps bytes to ids 0..255.
@@ -82,7 +83,7 @@ def test_round_trip_continues_exactly_like_the_original_and_a_cold_run(
     cold, _ = greedy(tiny, make_prompt_cache(tiny), PROMPT, 32)
 
     cache = prefill(tiny, PROMPT[:split])
-    snap = P.snapshot(cache, PROMPT[:split])
+    snap = KV.snapshot(cache, PROMPT[:split])
     path = tmp_path / "s1.safetensors"
     written = P.write_snapshot(path, snap, fingerprint=FP, session="s1")
     assert written == path.stat().st_size
@@ -93,7 +94,7 @@ def test_round_trip_continues_exactly_like_the_original_and_a_cold_run(
         assert a.shape == (1, 2, split, 64)
         assert np.array_equal(back.arrays[name], a)
 
-    restored = P.restore(back)
+    restored = KV.restore(back)
     assert all(type(c) is KVCache and c.offset == split for c in restored)
     from_original, logits_original = greedy(tiny, cache, PROMPT[split:], 32)
     from_restored, logits_restored = greedy(tiny, restored, PROMPT[split:], 32)
@@ -108,7 +109,7 @@ def test_second_turn_from_disk_matches_a_cold_run_of_the_whole_conversation(
     reply, _ = greedy(tiny, cache, PROMPT, 16)
     # The last reply token was sampled but never fed, so the cache holds one fewer.
     held = PROMPT + reply[:-1]
-    restored = P.restore(round_trip(tmp_path / "s.safetensors", P.snapshot(cache, held), tiny))
+    restored = KV.restore(round_trip(tmp_path / "s.safetensors", KV.snapshot(cache, held), tiny))
     turn2 = [reply[-1], *b" And then?"]
     warm, _ = greedy(tiny, restored, turn2, 24)
     cold, _ = greedy(tiny, make_prompt_cache(tiny), held + turn2, 24)
@@ -117,7 +118,7 @@ def test_second_turn_from_disk_matches_a_cold_run_of_the_whole_conversation(
 
 def test_the_file_is_plain_safetensors(tiny: Any, tmp_path: Path) -> None:
     path = tmp_path / "s.safetensors"
-    snap = P.snapshot(prefill(tiny, PROMPT), PROMPT)
+    snap = KV.snapshot(prefill(tiny, PROMPT), PROMPT)
     P.write_snapshot(path, snap, fingerprint=FP, session="abc")
     assert safetensors.numpy.load_file(str(path)).keys() == snap.arrays.keys()
     with safetensors.safe_open(str(path), framework="np") as f:
@@ -138,11 +139,11 @@ def test_half_precision_round_trips_bit_exactly(dtype: mx.Dtype, tmp_path: Path)
         cache.append(c)
         written.append((k, v))
     name = str(dtype).rsplit(".", 1)[-1]
-    P.write_snapshot(tmp_path / "s", P.snapshot(cache, range(5)), fingerprint=FP, session="s")
+    P.write_snapshot(tmp_path / "s", KV.snapshot(cache, range(5)), fingerprint=FP, session="s")
     snap = P.read_snapshot(
         tmp_path / "s", fingerprint=FP, num_layers=2, kv_heads=2, head_dim=64, dtype=name
     )
-    for (k, v), r in zip(written, P.restore(snap), strict=True):
+    for (k, v), r in zip(written, KV.restore(snap), strict=True):
         assert r.keys is not None and r.values is not None
         assert r.keys.dtype == dtype and r.offset == 5
         assert mx.array_equal(r.keys, k).item() and mx.array_equal(r.values, v).item()
@@ -153,11 +154,11 @@ def test_quantized_round_trip_restores_a_mergeable_float_cache(
     tiny: Any, tmp_path: Path, bits: int
 ) -> None:
     cache = prefill(tiny, PROMPT)
-    snap = P.snapshot(cache, PROMPT, kv_bits=bits)
-    assert snap.nbytes < P.snapshot(cache, PROMPT).nbytes
+    snap = KV.snapshot(cache, PROMPT, kv_bits=bits)
+    assert snap.nbytes < KV.snapshot(cache, PROMPT).nbytes
     back = round_trip(tmp_path / "q.safetensors", snap, tiny)
     assert (back.kv_bits, back.group_size) == (bits, P.GROUP_SIZE)
-    restored = P.restore(back)
+    restored = KV.restore(back)
     for c in restored:
         assert c.keys is not None and c.values is not None
         assert type(c) is KVCache and c.offset == len(PROMPT)
@@ -171,23 +172,23 @@ def test_quantized_round_trip_restores_a_mergeable_float_cache(
 
 def test_hot_quantized_cache_snapshots_as_is(tiny: Any) -> None:
     cache = prefill(tiny, PROMPT)
-    hot = P.quantize_cache(cache, 8)
-    assert P.cache_nbytes(hot) < P.cache_nbytes(cache)
-    direct = P.snapshot(cache, PROMPT, kv_bits=8)
-    from_hot = P.snapshot(hot, PROMPT)
+    hot = KV.quantize_cache(cache, 8)
+    assert KV.cache_nbytes(hot) < KV.cache_nbytes(cache)
+    direct = KV.snapshot(cache, PROMPT, kv_bits=8)
+    from_hot = KV.snapshot(hot, PROMPT)
     assert from_hot.kv_bits == 8
     for name, a in direct.arrays.items():
         assert np.array_equal(from_hot.arrays[name], a)
-    for c, d in zip(P.dequantize_cache(hot), P.restore(direct), strict=True):
+    for c, d in zip(KV.dequantize_cache(hot), KV.restore(direct), strict=True):
         assert c.offset == d.offset and mx.array_equal(c.keys, d.keys).item()
 
 
 def test_snapshot_refuses_a_token_list_that_does_not_match_the_cache(tiny: Any) -> None:
     cache = prefill(tiny, PROMPT)
     with pytest.raises(ValueError, match="holds"):
-        P.snapshot(cache, PROMPT[:-1])
+        KV.snapshot(cache, PROMPT[:-1])
     with pytest.raises(ValueError, match="kv_bits"):
-        P.snapshot(cache, PROMPT, kv_bits=3)
+        KV.snapshot(cache, PROMPT, kv_bits=3)
 
 
 # --- validation ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxd.daemon.prefix_index import PrefixIndex, common_prefix
+from mlxd.daemon.kv.prefix_index import PrefixIndex, common_prefix
 
 B = 4  # small blocks keep the examples readable
 

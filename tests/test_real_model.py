@@ -13,8 +13,8 @@ from tokenizers import Tokenizer
 
 from mlxd import rpc
 from mlxd.client import Client
-from mlxd.daemon.gguf import read_header
-from mlxd.daemon.smollm2 import smollm2_gguf
+from mlxd.daemon.models.gguf import read_header
+from mlxd.daemon.models.smollm2 import smollm2_gguf
 
 from .daemon_proc import DaemonProcess, blocks_beyond_anonymous, short_tmpdir
 

@@ -18,7 +18,7 @@ import pytest
 
 from mlxd import rpc
 from mlxd.client import Client
-from mlxd.daemon.builtin_model import ensure_builtin
+from mlxd.daemon.models.builtin_model import ensure_builtin
 
 from .daemon_proc import (
     DaemonProcess,

@@ -12,14 +12,12 @@ import hmac
 import ipaddress
 import itertools
 import math
-import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import h11
@@ -28,20 +26,23 @@ import structlog
 from anyio.abc import ByteStream, SocketListener
 
 from mlxd import rpc
+from mlxd.paths import load_token
 from mlxd.rpc import anthropic as an
 from mlxd.rpc import openai as oa
 from mlxd.rpc.errors import UNDECODABLE
 
-from .server import RequestContext, _hung_up
+from .server import RequestContext, RpcServer, _hung_up
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    import enum
 
-__all__ = ["HttpFront", "load_token", "parse_http_address"]
+    from ..config import Config
+    from ..models.model import LoadedModel
+
+__all__ = ["HttpFront", "Served", "load_token", "parse_http_address"]
 
 log = structlog.get_logger("mlxd.http")
 MAX_HEADER_BYTES = 16 * 1024
-TOKEN_FILE = "api-token"
 _STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _request_ids = itertools.count(1)
 _encode = msgspec.json.encode
@@ -88,23 +89,6 @@ def parse_http_address(text: str, allow_remote: bool) -> tuple[str, int]:
             "model. Add --http-allow-remote to mean it."
         )
     return host, int(port)
-
-
-def load_token(state_dir: Path) -> str:
-    """$MLXD_API_KEY, else the token in the state folder, made (0600) on first use."""
-    if os.environ.get("MLXD_API_KEY"):
-        return os.environ["MLXD_API_KEY"]
-    path = state_dir / TOKEN_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = "mlxd-" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
 
 
 class _Refused(Exception):
@@ -212,10 +196,23 @@ _ROUTES: dict[str, tuple[str, str]] = {  # path -> (method, handler name)
 }
 
 
+class Served(Protocol):
+    """What the HTTP front reads of the daemon it fronts."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def server(self) -> RpcServer: ...
+    @property
+    def model(self) -> LoadedModel: ...
+    @property
+    def state(self) -> enum.Enum: ...
+
+
 class HttpFront:
     """The daemon's HTTP side: settings, the API token, one `_Conn` per connection."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Served) -> None:
         self.daemon = daemon
         self.token: str | None = None  # needed on TCP only; loaded when a TCP port is opened
         self.cors: str | None = daemon.config.http_cors
@@ -378,7 +375,9 @@ class _Conn:
 
     async def _health(self, path: str, body: bytes, session: str | None) -> None:
         ctx = self._context("status")
-        status: rpc.StatusResult = await self.daemon.status(rpc.EmptyParams(), ctx)
+        status: rpc.StatusResult = await self.daemon.server.handlers["status"](
+            rpc.EmptyParams(), ctx
+        )
         life = self.daemon.state.value  # swapping or draining: not ready, whatever the load
         state = status.state if life == "ok" else life
         payload = {

@@ -1,19 +1,11 @@
-"""Running the daemon: a private socket, one instance, signals, and a bounded drain.
-
-SIGTERM (launchd's stop) or the `shutdown` method: stop accepting, refuse new requests
-with ShuttingDown, let in-flight requests finish until the drain deadline, cancel the rest
-with a reply, persist every hot session in a shielded scope, remove the socket, exit 0.
-A second signal exits at once.
-"""
+"""Socket listeners: the private Unix socket, the accept loop, peer checks, and stdio."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
-import functools
 import os
-import signal
 import socket
 import stat
 import struct
@@ -24,29 +16,22 @@ from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import (
-    ByteStream,
-    SocketAttribute,
-    SocketListener,
-    SocketStream,
-    TaskGroup,
-    TaskStatus,
-)
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup
 
 from mlxd.rpc import check_socket_path
 
+from ..config import Config
 from .activation import inherited_socket
-from .config import Config
-from .idle import IdleWatcher
-from .service import Daemon, State
 
 __all__ = [
     "AlreadyRunning",
     "SocketSetupError",
     "StdioStream",
+    "listening_socket",
+    "peer_uid",
     "prepare_socket",
-    "run_daemon",
-    "run_stdio",
+    "serve_listener",
+    "serve_own_user",
 ]
 
 log = structlog.get_logger("mlxd")
@@ -146,23 +131,27 @@ def peer_uid(stream: SocketStream) -> int | None:
         return None
 
 
-async def _accept(daemon: Daemon, stream: SocketStream) -> None:
+async def serve_own_user(
+    serve: Callable[[SocketStream], Awaitable[None]], stream: SocketStream
+) -> None:
+    """Serve a connection with `serve` if its peer is this user (the socket is private)."""
     uid = peer_uid(stream)
     if uid is not None and uid != os.getuid():
         log.warning("refused a connection from another user", peer_uid=uid)
         await stream.aclose()
         return
     try:
-        await daemon.server.serve_stream(stream)
+        await serve(stream)
     except Exception:  # one connection's bug must not stop the daemon serving the others
         log.exception("connection failed")
 
 
-async def _serve_listener(
+async def serve_listener(
     listener: SocketListener,
     tg: TaskGroup,
     handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
 ) -> None:
+    """Accept connections forever, each handled in its own task of `tg`."""
     while True:
         try:
             stream = await listener.accept()
@@ -176,67 +165,7 @@ async def _serve_listener(
         tg.start_soon(handle, stream)
 
 
-async def _watch_signals(
-    daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    # SIGHUP too: `mlxd serve &` in a terminal that closes must drain and save, not vanish.
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if daemon.shutdown_requested.is_set():
-                log.warning("second signal: exiting now", signal=name)
-                os._exit(128 + signum)
-            if daemon.state is State.LOADING:
-                log.info("signal during model load: stopping", signal=name)
-            else:
-                log.info("signal: draining", signal=name)
-            daemon.shutdown_requested.set()
-
-
-async def _start(daemon: Daemon) -> bool:
-    """Load the model; False if a signal asked to stop first (nothing to drain or save)."""
-    error: list[Exception] = []
-    async with anyio.create_task_group() as tg:
-
-        async def load() -> None:
-            try:
-                await daemon.start()
-            except Exception as exc:  # raised below as itself, not in the group's group
-                error.append(exc)
-            finally:
-                tg.cancel_scope.cancel()
-
-        tg.start_soon(load)
-        await daemon.shutdown_requested.wait()
-        tg.cancel_scope.cancel()
-    if error:
-        raise error[0]
-    return daemon.state is not State.LOADING
-
-
-async def _run(daemon: Daemon, serve: Callable[[TaskGroup], Awaitable[None]]) -> None:
-    """Watch signals, load the model, `serve` (start the listener tasks in the group) until
-    asked to stop, then drain. The daemon still accepts while draining: a new client gets
-    ShuttingDown, not a hang."""
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        await tg.start(_watch_signals, daemon)
-        try:
-            if await _start(daemon):
-                await serve(tg)
-                await daemon.shutdown_requested.wait()
-                timeout = daemon.shutdown_drain_s  # from `shutdown`, else the configured one
-                await daemon.drain(daemon.config.drain_timeout_s if timeout is None else timeout)
-        except Exception as exc:  # raised as itself below, not inside the group's group
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-
-
-def _listening_socket(config: Config) -> contextlib.AbstractContextManager[socket.socket]:
+def listening_socket(config: Config) -> contextlib.AbstractContextManager[socket.socket]:
     """The service manager's socket if it passed one (it owns the path: no lock, no unlink),
     else our own, created and removed by prepare_socket."""
     inherited = inherited_socket(config.activation_socket)
@@ -247,81 +176,6 @@ def _listening_socket(config: Config) -> contextlib.AbstractContextManager[socke
         config.socket = Path(name)
     log.info("socket activated", socket=str(config.socket), fd=inherited.fileno())
     return contextlib.closing(inherited)
-
-
-async def _exit_when_idle(daemon: Daemon, watcher: IdleWatcher) -> None:
-    await watcher.wait()
-    log.info("idle: exiting", idle_exit_s=watcher.timeout_s)
-    daemon.enter(State.DRAINING)  # from now on a request is refused (retry), not cut short
-    daemon.shutdown_requested.set()
-
-
-def _watch_idle(daemon: Daemon, tg: TaskGroup) -> None:
-    config, server = daemon.config, daemon.server
-    if config.idle_exit_s is None:
-        return
-    keep = config.idle_exit_keep_connections
-    watcher = IdleWatcher(
-        config.idle_exit_s, lambda: bool(server.inflight or (keep and server.connections))
-    )
-    server.on_activity = watcher.activity
-    tg.start_soon(_exit_when_idle, daemon, watcher)
-
-
-async def run_daemon(
-    config: Config, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    config.validate()
-    daemon = Daemon(config)
-    with _listening_socket(config) as sock:
-
-        async def serve(tg: TaskGroup) -> None:
-            # The listener owns a duplicate: prepare_socket closes and unlinks the original.
-            listener = await SocketListener.from_socket(sock.dup())
-
-            async def serve_connections(
-                listener: SocketListener,
-                handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
-            ) -> None:
-                async with listener:
-                    await _serve_listener(listener, tg, handle)
-
-            tg.start_soon(serve_connections, listener, functools.partial(_accept, daemon))
-            if config.http:  # a TCP port too (each address of it); open while draining too
-                tcp = await daemon.http.listen()
-                for one in getattr(tcp, "listeners", [tcp]):
-                    tg.start_soon(serve_connections, one, daemon.http.serve_tcp)
-            _watch_idle(daemon, tg)
-            log.info("serving", socket=str(config.socket), pid=os.getpid())
-            task_status.started(config.socket)
-
-        try:
-            await _run(daemon, serve)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await daemon.close()
-            log.info("stopped")
-
-
-async def run_stdio(config: Config) -> None:
-    """Serve one peer on stdin/stdout (an editor that spawns its sidecar); exit at its EOF."""
-    config.validate()
-    daemon = Daemon(config)
-
-    async def serve(tg: TaskGroup) -> None:
-        async def serve_peer() -> None:
-            await daemon.server.serve_stream(StdioStream())
-            daemon.shutdown_requested.set()
-
-        tg.start_soon(serve_peer)
-        log.info("serving", stdio=True, pid=os.getpid())
-
-    try:
-        await _run(daemon, serve)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await daemon.close()
-        log.info("stopped")
 
 
 class StdioStream(ByteStream):

@@ -1,8 +1,9 @@
 """The JSON-RPC server: one task per connection and per request over any byte stream.
 
-Each request runs in its own cancel scope. `$/cancelRequest` cancels it (a generate hooks
-that to remove its sequence from the batch), a closed connection cancels all of its
-requests, and every request gets exactly one response, whatever happens to it.
+Each request runs in its own cancel scope. `$/cancelRequest` cancels it (a handler may hook
+that, e.g. to remove its sequence from the batch), a closed connection cancels all of its
+requests, and every request gets exactly one response, whatever happens to it. It knows
+JSON-RPC and the method table it is given, not what any method does.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class RequestContext:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     summary: dict[str, Any] = field(default_factory=dict)  # extra fields for the request's log line
     sending: anyio.CancelScope | None = None  # around a send to the peer, while one runs
+    cancelled_data: Any = msgspec.UNSET  # the error data of a reply to a cancel, set by a handler
 
     def cancel(self) -> None:
         """Cancel the request: through its hook if it has one, else (or if that does not
@@ -380,14 +382,8 @@ class RpcServer:
                         outcome = "disconnected"  # the peer left; nobody to answer
                         raise
                     outcome = "cancelled"
-                    # Cancelled before it produced anything: still the data PROTOCOL.md promises.
-                    data = (
-                        rpc.CancelledData("", rpc.Usage())
-                        if message.method == "generate"
-                        else msgspec.UNSET
-                    )
                     error = rpc.ErrorObject(
-                        rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled", data
+                        rpc.ErrorCode.REQUEST_CANCELLED, "request cancelled", ctx.cancelled_data
                     )
                     return rpc.error_response(ctx.id, error)
                 except Exception as exc:  # a bug of ours, never the client's fault: -32603
@@ -397,7 +393,7 @@ class RpcServer:
             return None  # cancelled by the connection closing: nobody to answer
         finally:
             self.inflight.discard(ctx)
-            if len(self.inflight) <= 1:  # idle, or only the request that waits (a swap)
+            if len(self.inflight) <= 1:  # idle, or only the request that waits (its `exclude`)
                 for waiter in self._idle_waiters:
                     waiter.set()
                 self._idle_waiters.clear()

@@ -1,20 +1,17 @@
 """`mlxd serve --distributed`: the group, the model's tensor-parallel shard, and the ranks' roles.
 
-Run under `mlx.launch`: every rank loads its shard with mlx-lm's `sharded_load`; rank 0 is
+Run under `mlx.launch`: every rank loads its shard (models/sharding.py); rank 0 is
 the daemon (socket, admission, HTTP) and its engine drives the others in lockstep
 (`lockstep.py`); every other rank only replays rank 0's plans.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -24,20 +21,16 @@ import structlog
 from mlxd import rpc
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .lockstep import LockstepEngine
-    from .service import Daemon
+    from ..config import Config
+    from ..engine.lockstep import LockstepEngine
 
 __all__ = [
     "DistributedError",
     "attach",
-    "check_shardable",
     "group",
     "init_group",
     "make_engine",
     "run_follower",
-    "shard",
-    "shard_fingerprint",
 ]
 
 log = structlog.get_logger("mlxd.distributed")
@@ -68,40 +61,10 @@ def group() -> Any:
     return _state["group"]
 
 
-def check_shardable(folder: Path, size: int) -> None:
-    """Tensor parallelism splits heads and the MLP over the ranks: each must divide by `size`."""
-    config = json.loads((folder / "config.json").read_text())
-    text = config.get("text_config") or config
-    counts = {
-        "attention heads": text.get("num_attention_heads"),
-        "KV heads": text.get("num_key_value_heads", text.get("num_attention_heads")),
-        "MLP width": text.get("intermediate_size"),
-    }
-    bad = [f"{n} {name}" for name, n in counts.items() if isinstance(n, int) and n % size]
-    if bad:
-        raise ValueError(
-            f"cannot split it over {size} ranks: {' and '.join(bad)} do not divide by {size} "
-            "(tensor parallelism gives each rank an equal share of heads)"
-        )
-
-
-def shard(folder: Path, g: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """This rank's shard of the model in `folder` (check_shardable first), with its
-    tokenizer and config."""
-    from mlx_lm.utils import sharded_load
-
-    return sharded_load(str(folder), tensor_group=g, return_config=True)
-
-
-def shard_fingerprint(fp: str, g: Any) -> str:
-    """A shard computes (and caches) other numbers than the whole model: its own fingerprint."""
-    return hashlib.sha256(f"{fp}\0tensor-parallel={g.rank()}/{g.size()}".encode()).hexdigest()
-
-
 def run_follower(config: Config) -> int:
     """Any rank but 0: load the shard, replay rank 0's plans; 0 once rank 0 says exit."""
-    from .lockstep import Channel, GroupLost, follow
-    from .model import ModelLoadError, load_model
+    from ..engine.lockstep import Channel, GroupLost, follow
+    from ..models.model import ModelLoadError, load_model
 
     g = group()
     # A stop is rank 0's to make (it drains and persists, then tells every rank): here a
@@ -160,9 +123,9 @@ def _watch_rank0(channel: Any, timeout_s: float) -> None:
     threading.Thread(target=watch, name="mlxd-rank0-watch", daemon=True).start()
 
 
-def make_engine(daemon: Daemon) -> LockstepEngine:
+def make_engine(daemon: Any) -> LockstepEngine:
     """Rank 0's engine; a lost group fails every request and ends the daemon (non-zero)."""
-    from .lockstep import Channel, LockstepEngine
+    from ..engine.lockstep import Channel, LockstepEngine
 
     def on_lost(error: Exception) -> None:  # engine thread
         daemon.bridge.post(daemon.shutdown_requested.set)
@@ -177,7 +140,7 @@ def make_engine(daemon: Daemon) -> LockstepEngine:
     )
 
 
-def attach(daemon: Daemon) -> None:
+def attach(daemon: Any) -> None:
     """What rank 0 serves differently: no sessions (each rank would hold its shard of the
     cache, not built yet), no model swap (every rank would have to load), status says so."""
     handlers = daemon.server.handlers

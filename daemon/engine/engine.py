@@ -21,9 +21,9 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from . import faults
-from .metrics import LatencyWindow
-from .persistence import quantize_cache
+from .. import faults
+from ..kv.snapshot import quantize_cache
+from ..metrics import LatencyWindow
 from .sampling import make_sampler
 from .textstream import TextAssembler
 

@@ -1,35 +1,30 @@
-"""The daemon: model, engine, pool, sessions and the method handlers, wired together."""
+"""The daemon's wiring: model, engine, pool, sessions and server, its states, drain and swap."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import os
-import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import mlx.core as mx
-import sniffio
 import structlog
 
-import mlxd
 from mlxd import rpc
 
-from . import BLAS, distributed, faults
-from .bridge import LoopBridge
-from .config import Config
-from .engine import Engine, Job, Update
-from .generation import generate
-from .http import HttpFront
-from .model import LoadedModel, load_model
-from .pool import BlockPool
-from .server import RequestContext, RpcServer
-from .sessions import ModelShape, SessionStore
-from .turns import Turn
+from .. import BLAS, faults
+from ..config import Config
+from ..engine.bridge import LoopBridge
+from ..engine.engine import Engine, Job, Update
+from ..kv.pool import BlockPool
+from ..kv.sessions import ModelShape, SessionStore
+from ..kv.turns import Turn
+from ..models.model import LoadedModel, load_model
+from ..transport.http import HttpFront
+from ..transport.server import RequestContext, RpcServer
+from . import distributed
 
 __all__ = ["Daemon", "State"]
 
@@ -46,8 +41,6 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-_MEMORY_READ_S = 1.0
-
 _NEXT = {
     State.LOADING: {State.OK, State.DRAINING},
     State.OK: {State.SWAPPING, State.DRAINING},
@@ -57,14 +50,6 @@ _NEXT = {
 }
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # macOS: the peak is the best the stdlib offers
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 class Daemon:
     """One model, one engine, many connections. Create and `start()` inside the event loop."""
 
@@ -72,7 +57,7 @@ class Daemon:
         self.config = config
         self.started = time.monotonic()
         self.state = State.LOADING
-        self._mlx_memory = (0, 0)  # MLX active and cache bytes, as last read
+        self.mlx_memory = (0, 0)  # MLX active and cache bytes, as the last status read them
         self.totals = rpc.Totals()
         self.engine: Engine = None  # type: ignore[assignment]
         self.bridge: LoopBridge = None  # type: ignore[assignment]
@@ -83,7 +68,7 @@ class Daemon:
         self.shutdown_requested = anyio.Event()
         self.shutdown_drain_s: float | None = None
         self.server = RpcServer(
-            self._handlers(),
+            {},  # the method table: handlers.methods(daemon), installed by its runner
             max_frame_bytes=config.max_frame_bytes,
             idle_frame_timeout_s=config.idle_frame_timeout_s,
             max_inflight_per_connection=config.max_inflight_per_connection,
@@ -280,107 +265,10 @@ class Daemon:
         # Tokenizers are not MLX: a worker thread keeps long prompts off the event loop.
         return await anyio.to_thread.run_sync(run)
 
-    def _handlers(self) -> dict[str, Any]:
-        return {
-            "initialize": self.initialize,
-            "generate": lambda p, ctx: generate(self, p, ctx),
-            "tokenize": self.tokenize,
-            "models/current": self.models_current,
-            "status": self.status,
-            "shutdown": self.shutdown,
-            "sessions/list": self.sessions_list,
-            "sessions/get": self.sessions_get,
-            "sessions/delete": self.sessions_delete,
-            "sessions/fork": self.sessions_fork,
-            "sessions/save": self.sessions_save,
-            "models/swap": self.models_swap,
-        }
-
     def model_info(self) -> rpc.ModelInfo:
         m = self.model
         return rpc.ModelInfo(
             m.id, m.path, m.fingerprint, m.type, m.vocab_size, m.context_length, m.dtype, m.weights
-        )
-
-    async def initialize(self, params: rpc.InitializeParams, ctx: RequestContext) -> Any:
-        if params.client is not None:
-            ctx.summary["client"] = f"{params.client.name}/{params.client.version}"
-        return rpc.InitializeResult(
-            server=rpc.ServerInfo("mlxd", mlxd.__version__),
-            protocol=rpc.PROTOCOL_VERSION,
-            model=self.model_info(),
-            capabilities=rpc.Capabilities(
-                methods=sorted(self.server.handlers),
-                framing=["ndjson", "lsp", "http"],
-                max_frame_bytes=self.config.max_frame_bytes,
-            ),
-        )
-
-    async def tokenize(self, params: rpc.TokenizeParams, ctx: RequestContext) -> Any:
-        if params.messages is not None and not params.add_generation_prompt:
-            tokenizer = self.model.tokenizer
-            chat = [{"role": m.role, "content": m.content} for m in params.messages]
-
-            def run() -> list[int]:
-                text = tokenizer.apply_chat_template(
-                    chat, add_generation_prompt=False, tokenize=False
-                )
-                return list(tokenizer.encode(text, add_special_tokens=False))
-
-            tokens = await anyio.to_thread.run_sync(run)
-        else:
-            tokens = await self.encode(params.text, params.messages)
-        return rpc.TokenizeResult(tokens, len(tokens))
-
-    async def models_current(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
-        return self.model_info()
-
-    async def status(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
-        pool, engine = self.pool, self.engine
-        waiting = pool.queue_depth + self.slots.waiting + self.sessions.waiting
-        # Anonymous entries are a cache any request may evict: they do not make it degraded.
-        used = pool.used - self.sessions.anonymous_blocks()
-        degraded = used > 0.9 * pool.total or waiting > 0
-        if self.state in (State.DRAINING, State.STOPPED):
-            state = "draining"
-        else:
-            state = "degraded" if degraded else "ok"
-        ttft, itl = engine.ttft_ms.percentiles(), engine.itl_ms.percentiles()
-        # Read now, on the engine thread: freed caches (deleted sessions) show at once. While
-        # the engine is busy for long (a model load) the last reading answers instead.
-        with anyio.move_on_after(_MEMORY_READ_S):
-            self._mlx_memory = await self.on_engine(
-                lambda: (mx.get_active_memory(), mx.get_cache_memory())
-            )
-        active, cached = self._mlx_memory
-        return rpc.StatusResult(
-            state=state,  # type: ignore[arg-type]
-            model=self.model_info(),
-            uptime_s=round(time.monotonic() - self.started, 3),
-            pool=rpc.PoolStatus(
-                pool.block_tokens, pool.total, pool.used, round(pool.utilization, 4)
-            ),
-            queue=rpc.QueueStatus(waiting, pool.max_queue),
-            active=engine.active,
-            sessions=self.sessions.tier_status(),
-            latency_ms=rpc.LatencyStatus(rpc.Percentiles(*ttft), rpc.Percentiles(*itl)),
-            totals=self.totals,
-            memory=rpc.MemoryStatus(_rss_bytes(), active, cached),
-            connections=self.server.connections,
-            details={
-                "blas": BLAS,
-                "backend": sniffio.current_async_library(),
-                "pid": os.getpid(),
-                "python": sys.version.split()[0],
-                "engine_steps": engine.steps,
-                "sessions_spilled": self.sessions.spilled,
-                "sessions_restored": self.sessions.restored,
-                "sessions_quarantined": self.sessions.quarantined,
-                "disk_errors": list(self.sessions.disk_errors),
-                "prefix_cache": self.sessions.prefix_status(),
-                "socket": str(self.config.socket),
-                **({"distributed": distributed.status(engine)} if self.config.distributed else {}),  # type: ignore[arg-type]
-            },
         )
 
     async def models_swap(self, params: rpc.ModelsSwapParams, ctx: RequestContext) -> Any:
@@ -415,30 +303,3 @@ class Daemon:
             "model swapped", old=old, new=self.model.id, fingerprint=self.model.fingerprint[:16]
         )
         return self.model_info()
-
-    async def shutdown(self, params: rpc.ShutdownParams, ctx: RequestContext) -> Any:
-        self.shutdown_drain_s = params.drain_timeout_s
-        self.shutdown_requested.set()
-        return rpc.EmptyResult()
-
-    async def sessions_list(self, params: rpc.EmptyParams, ctx: RequestContext) -> Any:
-        infos = [
-            s.info()
-            for s in self.sessions.sessions.values()
-            if (s.token_count or s.turn.busy) and not s.anonymous
-        ]
-        return rpc.SessionsListResult(sorted(infos, key=lambda i: i.session))
-
-    async def sessions_get(self, params: rpc.SessionParams, ctx: RequestContext) -> Any:
-        return self.sessions.get(params.session).info()
-
-    async def sessions_delete(self, params: rpc.SessionParams, ctx: RequestContext) -> Any:
-        return rpc.SessionsDeleteResult(await self.sessions.delete(params.session))
-
-    async def sessions_fork(self, params: rpc.SessionForkParams, ctx: RequestContext) -> Any:
-        return (await self.sessions.fork(params.session, params.new_session)).info()
-
-    async def sessions_save(self, params: rpc.SessionSaveParams, ctx: RequestContext) -> Any:
-        if params.session is None:
-            return rpc.SessionSaveResult(await self.sessions.save_all())
-        return rpc.SessionSaveResult(int(await self.sessions.save(params.session)))

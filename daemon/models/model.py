@@ -18,10 +18,10 @@ import mlx_lm.utils
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlxd.daemon import distributed
-from mlxd.daemon.builtin_model import ensure_builtin
-from mlxd.daemon.gguf import GGUFError, import_gguf, is_gguf
-from mlxd.daemon.smollm2 import DISTRIBUTION, smollm2_gguf
+from mlxd.daemon.models import sharding
+from mlxd.daemon.models.builtin_model import ensure_builtin
+from mlxd.daemon.models.gguf import GGUFError, import_gguf, is_gguf
+from mlxd.daemon.models.smollm2 import DISTRIBUTION, smollm2_gguf
 
 __all__ = [
     "BUILTIN_PREFIX",
@@ -101,7 +101,7 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto", group: Any = N
     folder = resolve_folder(spec, cache_dir)
     if group is not None:  # before hashing the weights: every rank refuses at once
         try:
-            distributed.check_shardable(folder, group.size())
+            sharding.check_shardable(folder, group.size())
         except ValueError as e:
             raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {e}") from e
     fp = fingerprint(folder, memo_file=cache_dir / "fingerprints.json")
@@ -110,7 +110,7 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto", group: Any = N
         if group is None:
             loaded = mlx_lm.load(str(folder), lazy=True, return_config=True)
         else:
-            loaded = distributed.shard(folder, group)
+            loaded = sharding.shard(folder, group)
         model, tokenizer, config = cast(tuple[nn.Module, TokenizerWrapper, dict[str, Any]], loaded)
         if "quantization" in config:
             # Dequantized weights compute other numbers than quantized ones, so a session
@@ -129,7 +129,7 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto", group: Any = N
     heads = int(_first(text, "num_attention_heads", "n_head", "n_heads", default=1))
     ranks = 1 if group is None else group.size()
     if group is not None:
-        fp = distributed.shard_fingerprint(fp, group)
+        fp = sharding.shard_fingerprint(fp, group)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

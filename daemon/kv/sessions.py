@@ -38,7 +38,9 @@ import structlog
 
 from mlxd import rpc
 
-from . import faults, persistence
+from .. import faults
+from . import cachefile
+from . import snapshot as kvsnap
 from .pool import BlockPool, Reservation
 from .prefix_index import PrefixIndex
 from .turns import Turn
@@ -73,20 +75,20 @@ class CacheOps:
     bookkeeping tests. `snapshot`, `restore` and `full` run on the engine thread."""
 
     nbytes: Callable[[Sequence[Any]], int]
-    snapshot: Callable[[Sequence[Any], Sequence[int], int], persistence.Snapshot]
-    restore: Callable[[persistence.Snapshot], list[Any]]
+    snapshot: Callable[[Sequence[Any], Sequence[int], int], cachefile.Snapshot]
+    restore: Callable[[cachefile.Snapshot], list[Any]]
     prefix: Callable[[Sequence[Any], int], list[Any]]  # a view of the first n tokens
     quantized: Callable[[Sequence[Any]], bool]
     full: Callable[[Sequence[Any]], list[Any]]  # dequantized: the batch wants full precision
 
 
 MLX_CACHES = CacheOps(
-    nbytes=persistence.cache_nbytes,
-    snapshot=persistence.snapshot,
-    restore=persistence.restore,
-    prefix=persistence.prefix_view,
-    quantized=persistence.is_quantized,
-    full=persistence.dequantize_cache,
+    nbytes=kvsnap.cache_nbytes,
+    snapshot=kvsnap.snapshot,
+    restore=kvsnap.restore,
+    prefix=kvsnap.prefix_view,
+    quantized=kvsnap.is_quantized,
+    full=kvsnap.dequantize_cache,
 )
 
 
@@ -210,19 +212,19 @@ class SessionStore:
 
     def _scan(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        removed = persistence.remove_temp_files(self.folder)
+        removed = cachefile.remove_temp_files(self.folder)
         if removed:
             log.warning("removed unfinished cache files", count=removed)
         for path in sorted(self.folder.glob("*" + SUFFIX)):
             try:
-                meta = persistence.read_metadata(path)
+                meta = cachefile.read_metadata(path)
                 if meta.get("fingerprint") != self.shape.fingerprint:
-                    raise persistence.CacheFileError(path, "written for another model")
+                    raise cachefile.CacheFileError(path, "written for another model")
                 session_id = meta["session"]
                 if path.name != session_id + SUFFIX:
-                    raise persistence.CacheFileError(path, "file name and session differ")
-                tokens = persistence.header_tokens(path, meta)
-            except (persistence.CacheFileError, KeyError, OSError) as exc:
+                    raise cachefile.CacheFileError(path, "file name and session differ")
+                tokens = cachefile.header_tokens(path, meta)
+            except (cachefile.CacheFileError, KeyError, OSError) as exc:
                 self._quarantine(path, str(exc))
                 continue
             stat = path.stat()
@@ -242,7 +244,7 @@ class SessionStore:
     def _quarantine(self, path: Path, reason: str) -> None:
         self.quarantined += 1
         try:
-            moved = persistence.quarantine(path, self.quarantine_dir, reason)
+            moved = cachefile.quarantine(path, self.quarantine_dir, reason)
             log.warning(
                 "quarantined a bad session cache", path=str(path), to=str(moved), reason=reason
             )
@@ -487,13 +489,13 @@ class SessionStore:
             session.reservation = None
         self._reindex(session)
 
-    async def _read(self, session: Session) -> persistence.Snapshot | None:
+    async def _read(self, session: Session) -> cachefile.Snapshot | None:
         """The session's file, validated; None (quarantined, or a disk error noted) if unusable."""
         path = self._path(session.id)
         shape = self.shape
         try:
             return await anyio.to_thread.run_sync(
-                lambda: persistence.read_snapshot(
+                lambda: cachefile.read_snapshot(
                     path,
                     fingerprint=shape.fingerprint,
                     num_layers=shape.num_layers,
@@ -503,8 +505,8 @@ class SessionStore:
                 ),
                 limiter=self._writer,
             )
-        except (persistence.CacheFileError, OSError) as exc:
-            if isinstance(exc, persistence.CacheFileError) or path.exists():
+        except (cachefile.CacheFileError, OSError) as exc:
+            if isinstance(exc, cachefile.CacheFileError) or path.exists():
                 await anyio.to_thread.run_sync(self._quarantine, path, str(exc))
             elif not session.deleted:  # deleted meanwhile: its file went with it
                 self._note_disk_error(f"load {session.id}: {exc}")
@@ -579,7 +581,7 @@ class SessionStore:
         await self._enforce_disk_budget(keep=session)
         return True
 
-    async def _write(self, owner: Session, name: str, snap: persistence.Snapshot) -> int | None:
+    async def _write(self, owner: Session, name: str, snap: cachefile.Snapshot) -> int | None:
         """Write `snap` as session `name`'s file; None on a disk error (noted) or once `owner`
         is deleted: the check runs on the writer thread, where files change in order, so a
         delete's removal either comes after this write or this write is not done."""
@@ -588,7 +590,7 @@ class SessionStore:
         def write() -> int | None:
             if owner.deleted:
                 return None
-            return persistence.write_snapshot(
+            return cachefile.write_snapshot(
                 path,
                 snap,
                 fingerprint=self.shape.fingerprint,
@@ -636,7 +638,7 @@ class SessionStore:
     async def _delete_file(self, session: Session) -> None:
         path = self._path(session.id)
         try:
-            await anyio.to_thread.run_sync(persistence.remove, path, limiter=self._writer)
+            await anyio.to_thread.run_sync(cachefile.remove, path, limiter=self._writer)
         except OSError as exc:
             self._note_disk_error(f"delete {session.id}: {exc}")
         session.disk_tokens = session.disk_bytes = 0
@@ -716,7 +718,7 @@ class SessionStore:
         self._reindex(forked)
 
     async def _copy_to_disk(
-        self, source: Session, forked: Session, snap: persistence.Snapshot
+        self, source: Session, forked: Session, snap: cachefile.Snapshot
     ) -> None:
         size = await self._write(forked, forked.id, snap)
         if size is None and not forked.deleted:

@@ -1,12 +1,15 @@
-"""The daemon's folders on disk: model cache and session state, per platform."""
+"""Where mlxd keeps its files, per platform: model cache, session state, the API token."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
-__all__ = ["cache_dir", "state_dir"]
+__all__ = ["TOKEN_FILE", "cache_dir", "load_token", "state_dir"]
+
+TOKEN_FILE = "api-token"
 
 
 def cache_dir() -> Path:
@@ -27,3 +30,20 @@ def state_dir() -> Path:
         return Path.home() / "Library" / "Application Support" / "mlxd"
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "mlxd"
+
+
+def load_token(state_dir: Path) -> str:
+    """$MLXD_API_KEY, else the token in the state folder, made (0600) on first use."""
+    if os.environ.get("MLXD_API_KEY"):
+        return os.environ["MLXD_API_KEY"]
+    path = state_dir / TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = "mlxd-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token

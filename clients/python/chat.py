@@ -25,8 +25,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from mlxd.client import Client, RequestCancelled, RpcError
-
-from .paths import state_dir
+from mlxd.paths import state_dir
 
 __all__ = ["chats_dir", "run_chat", "sanitize"]
 

@@ -15,9 +15,9 @@ import structlog
 
 from mlxd import rpc
 
-from . import faults
-from .engine import Job, Outcome, Update
-from .server import RequestContext
+from .. import faults
+from ..engine.engine import Job, Outcome, Update
+from ..transport.server import RequestContext
 
 if TYPE_CHECKING:
     from .service import Daemon
@@ -80,6 +80,8 @@ def _timings(outcome: Outcome, t_arrival: float) -> rpc.Timings:
 
 async def generate(daemon: Daemon, params: rpc.GenerateParams, ctx: RequestContext) -> Any:
     t_arrival = time.perf_counter()
+    # Cancelled before it produced anything: still the data PROTOCOL.md promises.
+    ctx.cancelled_data = rpc.CancelledData("", rpc.Usage())
     prompt = await daemon.encode(params.prompt, params.messages)
     if not prompt:
         raise rpc.RpcError(rpc.ErrorCode.INVALID_PARAMS, "the prompt encodes to no tokens")

@@ -1,0 +1,1 @@
+"""The engine: the BatchGenerator thread, sampling, text assembly, and the loop bridge."""

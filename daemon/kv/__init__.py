@@ -1,0 +1,1 @@
+"""KV memory: the block pool, sessions, the prefix index, and session cache files."""

@@ -1,0 +1,1 @@
+"""The service: the daemon wired together, its method handlers, status, and its life."""

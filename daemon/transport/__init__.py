@@ -1,0 +1,1 @@
+"""The transport: the JSON-RPC server, socket listeners, activation, and the HTTP front."""
