@@ -123,6 +123,7 @@ def _watch_rank0(channel: Any, timeout_s: float) -> None:
     threading.Thread(target=watch, name="mlxd-rank0-watch", daemon=True).start()
 
 
+# `daemon` is service.Daemon, untyped here: service.py imports this module.
 def make_engine(daemon: Any) -> LockstepEngine:
     """Rank 0's engine; a lost group fails every request and ends the daemon (non-zero)."""
     from ..engine.lockstep import Channel, LockstepEngine
