@@ -11,7 +11,10 @@ each rank send (2(N-1)/N of the array) give "bytes per rank per step".
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,7 +90,7 @@ def _probe(layers: int, hidden: int, reps: int) -> dict[str, float]:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "MLXD_CACHE_DIR": str(MODEL_CACHE)},
+        env={**os.environ, "MLXD_CACHE_DIR": str(MODEL_CACHE)},
     )
     Path(f.name).unlink()
     line = next((x for x in out.stdout.splitlines() if x.startswith("PROBE ")), None)
@@ -125,6 +128,19 @@ def _side(
     return {"rows": rows, "model": model.id}
 
 
+def _stop_group(group: Daemon) -> None:
+    """SIGTERM to rank 0, which ends every rank: mlx.launch does not pass a signal on, so
+    stopping the launcher would leave the ranks running."""
+    with Client(group.socket) as c:
+        pids = c.status().details["distributed"]["pids"]
+    os.kill(pids[0], signal.SIGTERM)
+    assert group.proc is not None
+    group.proc.wait(300)
+    for pid in pids:  # the launcher is gone; so must they be
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     counts = CLIENTS
@@ -138,6 +154,7 @@ def run(model: str, quick: bool, log: Any = None) -> dict[str, Any]:
     group.launcher = launch_command()
     with group:
         sharded = _side(group, counts, max_tokens, texts)
+        _stop_group(group)
     config = (
         json.loads(
             next((MODEL_CACHE / "models").glob(f"builtin-{model.split(':')[-1]}-*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,14 @@ def group(folder: Path, cache: Path, *args: str, ranks: int = 2) -> DaemonProces
     return DaemonProcess(
         folder, cache, "--distributed", *args, model="builtin:small", launcher=launch
     )
+
+
+def reap(proc: DaemonProcess, pids: list[int]) -> None:
+    """Kill the launcher and whatever rank is left: mlx.launch does not pass a kill on."""
+    proc.kill()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def rank_exits(proc: DaemonProcess) -> dict[int, str]:
@@ -116,6 +125,7 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
     finally:
         assert one.stop() == 0
     proc = group(folders[1], model_cache, "--drain-timeout", "1").start(timeout=180)
+    pids: list[int] = []
     try:
         assert greedy(proc.socket, PROMPTS) == expected  # 8 concurrent, token for token
         with Client(proc.socket) as c:
@@ -128,7 +138,8 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
                 c.generate("Hi", session="s1", max_tokens=2)
             assert refused.value.code == ErrorCode.INVALID_PARAMS
             assert "--distributed" in refused.value.message
-        rank0 = dist["pids"][0]
+        pids = dist["pids"]
+        rank0 = pids[0]
         started = threading.Barrier(5)
         results, threads = streams_in_flight(proc.socket, 4, started)
         wait_started(started, results)
@@ -137,7 +148,7 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
             t.join(60)
         assert proc.wait(60) is not None
     finally:
-        proc.kill()
+        reap(proc, pids)
     # Each stream got its one reply: finished, or cut at the drain deadline with its text.
     for r in results:
         assert r is not None
@@ -152,9 +163,11 @@ def test_kill9_of_rank1_fails_inflight_requests_and_ends_rank0(
     model_cache: Path, folders: tuple[Path, Path]
 ) -> None:
     proc = group(folders[0], model_cache, "--rank-timeout", "5").start(timeout=180)
+    pids: list[int] = []
     try:
         with Client(proc.socket) as c:
-            rank1 = c.status().details["distributed"]["pids"][1]
+            pids = c.status().details["distributed"]["pids"]
+        rank1 = pids[1]
         started = threading.Barrier(4)
         results, threads = streams_in_flight(proc.socket, 3, started)
         wait_started(started, results)
@@ -165,7 +178,7 @@ def test_kill9_of_rank1_fails_inflight_requests_and_ends_rank0(
         proc.wait(30)  # the whole group is gone within the bound, not hung
         elapsed = time.monotonic() - t0
     finally:
-        proc.kill()
+        reap(proc, pids)
     assert elapsed < 30
     for r in results:
         assert isinstance(r, RpcError), r  # every in-flight request answered with an error
@@ -225,16 +238,18 @@ def test_kill9_of_rank0_ends_rank1_within_the_bound(
     model_cache: Path, folders: tuple[Path, Path]
 ) -> None:
     proc = group(folders[0], model_cache, "--rank-timeout", "5").start(timeout=180)
+    pids: list[int] = []
     try:
         with Client(proc.socket) as c:
             c.generate("Hello", max_tokens=4)
-            rank0 = c.status().details["distributed"]["pids"][0]
+            pids = c.status().details["distributed"]["pids"]
+        rank0 = pids[0]
         t0 = time.monotonic()
         os.kill(rank0, signal.SIGKILL)
         proc.wait(30)  # rank 1 does not wait for a plan that never comes
         elapsed = time.monotonic() - t0
     finally:
-        proc.kill()
+        reap(proc, pids)
     assert elapsed < 30
     ends = rank_exits(proc)
     assert ends[0] in ("exited with code -9", "was killed"), ends
