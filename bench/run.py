@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import (
     activation,
     agents,
+    distributed,
     latency,
     memory,
     mlx_server,
@@ -46,6 +47,7 @@ SUITES: dict[str, Any] = {
     "soak": soak.run,
     "activation": activation.run,
     "weights": weights.run,
+    "distributed": distributed.run,
 }
 # Suites whose report section, headline rows and plot live in their own module.
 MODULES: dict[str, Any] = {
@@ -56,6 +58,7 @@ MODULES: dict[str, Any] = {
     "soak": soak,
     "activation": activation,
     "weights": weights,
+    "distributed": distributed,
 }
 
 # latency is slow (minutes even with --quick) and has no targets: run it by name; soak

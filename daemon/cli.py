@@ -33,7 +33,9 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
         drain_timeout_s=args.drain_timeout,
         max_queue=args.max_queue,
         kv_bits=args.kv_bits,
-        prefix_cache=args.prefix_cache == "on",
+        prefix_cache=args.prefix_cache == "on" and not args.distributed,  # not across ranks yet
+        distributed=args.distributed,
+        rank_timeout_s=args.rank_timeout,
         prefill_step_size=args.prefill_chunk,
         max_batch=args.max_batch,
         idle_frame_timeout_s=args.idle_frame_timeout,
@@ -96,11 +98,33 @@ def _serve(args: argparse.Namespace) -> int:
         config.model, why = default_model()
         if why:
             structlog.get_logger("mlxd").warning("default model", model=config.model, reason=why)
+    from .engine.lockstep import GroupLost
+    from .service.distributed import DistributedError
+
     try:
+        if args.distributed:
+            from .service import distributed
+
+            if distributed.init_group().rank() != 0:
+                code = distributed.run_follower(config)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # as below: no teardown of the shard's arrays
         runner = run_stdio if args.stdio else run_daemon
         anyio.run(lambda: runner(config), backend=args.backend)
-    except (SocketSetupError, SocketPathTooLong, ConfigError, ModelLoadError, AddressError) as exc:
+    except (
+        SocketSetupError,
+        SocketPathTooLong,
+        ConfigError,
+        ModelLoadError,
+        AddressError,
+        DistributedError,
+        GroupLost,
+    ) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
+        if isinstance(exc, GroupLost):  # the engine thread may be stuck in a collective
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -184,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http-cors", metavar="ORIGIN", help="the one browser origin allowed to call the HTTP API"
+    )
+    serve.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a group started by mlx.launch: the model is split over the ranks, "
+        "rank 0 serves",
+    )
+    serve.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --distributed: an engine step the other ranks do not finish in this time "
+        "means a rank is lost (requests fail, the daemon exits 1)",
     )
     serve.add_argument("--log-level", default="info")
     add_activation_options(serve)

@@ -77,6 +77,8 @@ class Config:
     prefill_step_size: int = 256
     max_batch: int = 32
     stdio: bool = False
+    distributed: bool = False  # rank 0 of an mlx.launch group (distributed.py)
+    rank_timeout_s: float = 30.0  # a step the group does not finish by then: a rank is lost
     http: tuple[str, int] | None = None  # --http HOST:PORT: a TCP listener (token required)
     http_cors: str | None = None  # the one browser origin allowed to call the HTTP API
     activation_socket: str | None = None  # launchd Sockets key / systemd FileDescriptorName
@@ -123,6 +125,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "persist_timeout_s": (0, 86_400),
     "prefill_step_size": (1, None),
     "max_batch": (1, None),
+    "rank_timeout_s": (1, 86_400),
 }
 _OPTIONS = {
     "kv_budget_bytes": "--kv-budget",
@@ -130,6 +133,7 @@ _OPTIONS = {
     "prefill_step_size": "--prefill-chunk",
     "drain_timeout_s": "--drain-timeout",
     "idle_frame_timeout_s": "--idle-frame-timeout",
+    "rank_timeout_s": "--rank-timeout",
 }
 
 

@@ -18,6 +18,7 @@ import mlx_lm.utils
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlxd.daemon.models import sharding
 from mlxd.daemon.models.builtin_model import ensure_builtin
 from mlxd.daemon.models.gguf import GGUFError, import_gguf, is_gguf
 from mlxd.daemon.models.smollm2 import DISTRIBUTION, smollm2_gguf
@@ -92,15 +93,24 @@ def resolve_weights(mode: str) -> str:
     return "float32" if mx.default_device().type == mx.DeviceType.cpu else "native"
 
 
-def load_model(spec: str, cache_dir: Path, weights: str = "auto") -> LoadedModel:
+def load_model(spec: str, cache_dir: Path, weights: str = "auto", group: Any = None) -> LoadedModel:
     """Load "builtin:NAME", a GGUF file, a model folder, or a hub id; weights are in memory
-    on return, quantized as stored ("native") or dequantized ("float32")."""
+    on return, quantized as stored ("native") or dequantized ("float32"). With an
+    mx.distributed `group`, this rank's tensor-parallel shard."""
     mode = resolve_weights(weights)
     folder = resolve_folder(spec, cache_dir)
+    if group is not None:  # before hashing the weights: every rank refuses at once
+        try:
+            sharding.check_shardable(folder, group.size())
+        except ValueError as e:
+            raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {e}") from e
     fp = fingerprint(folder, memo_file=cache_dir / "fingerprints.json")
     try:
         # Lazy, so a float16 checkpoint is cast before it is ever materialised.
-        loaded = mlx_lm.load(str(folder), lazy=True, return_config=True)
+        if group is None:
+            loaded = mlx_lm.load(str(folder), lazy=True, return_config=True)
+        else:
+            loaded = sharding.shard(folder, group)
         model, tokenizer, config = cast(tuple[nn.Module, TokenizerWrapper, dict[str, Any]], loaded)
         if "quantization" in config:
             # Dequantized weights compute other numbers than quantized ones, so a session
@@ -117,6 +127,9 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto") -> LoadedModel
         raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {e}") from e
     text = config.get("text_config") or config  # multimodal configs nest the LM's fields
     heads = int(_first(text, "num_attention_heads", "n_head", "n_heads", default=1))
+    ranks = 1 if group is None else group.size()
+    if group is not None:
+        fp = sharding.shard_fingerprint(fp, group)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -138,7 +151,7 @@ def load_model(spec: str, cache_dir: Path, weights: str = "auto") -> LoadedModel
         ),
         dtype=_float_dtype(model),
         num_layers=_num_layers(model, text),
-        kv_heads=int(_first(text, "num_key_value_heads", "n_kv_heads", default=heads)),
+        kv_heads=int(_first(text, "num_key_value_heads", "n_kv_heads", default=heads)) // ranks,
         head_dim=int(
             _first(text, "head_dim", default=int(_first(text, "hidden_size", default=0)) // heads)
         ),

@@ -24,6 +24,7 @@ from ..kv.turns import Turn
 from ..models.model import LoadedModel, load_model
 from ..transport.http import HttpFront
 from ..transport.server import RequestContext, RpcServer
+from . import distributed
 
 __all__ = ["Daemon", "State"]
 
@@ -81,11 +82,15 @@ class Daemon:
 
     async def start(self) -> None:
         self.bridge = LoopBridge()
-        self.engine = Engine(
-            self._emit,
-            prefill_step_size=self.config.prefill_step_size,
-            max_batch=self.config.max_batch,
-        )
+        if self.config.distributed:  # rank 0 of a group: the engine drives every rank
+            self.engine = distributed.make_engine(self)
+            distributed.attach(self)
+        else:
+            self.engine = Engine(
+                self._emit,
+                prefill_step_size=self.config.prefill_step_size,
+                max_batch=self.config.max_batch,
+            )
         self.engine.start()
         log.info("loading model", model=self.config.model)
         await self._load(self.config.model)
@@ -114,7 +119,8 @@ class Daemon:
         def load() -> LoadedModel:
             self.engine.set_model(None, None)  # unload first: two models may not fit
             mx.clear_cache()
-            loaded = load_model(spec, cache_dir, self.config.weights)
+            group = distributed.group() if self.config.distributed else None
+            loaded = load_model(spec, cache_dir, self.config.weights, group)
             self.engine.set_model(loaded.model, loaded.tokenizer)
             return loaded
 

@@ -16,6 +16,7 @@ from mlxd import rpc
 
 from .. import BLAS
 from ..transport.server import RequestContext
+from . import distributed
 from .service import Daemon, State
 
 __all__ = ["status"]
@@ -73,5 +74,6 @@ async def status(daemon: Daemon, params: rpc.EmptyParams, ctx: RequestContext) -
             "disk_errors": list(daemon.sessions.disk_errors),
             "prefix_cache": daemon.sessions.prefix_status(),
             "socket": str(daemon.config.socket),
+            **({"distributed": distributed.status(engine)} if daemon.config.distributed else {}),  # type: ignore[arg-type]
         },
     )
