@@ -163,7 +163,7 @@ class Daemon:
         try:
             faults.check("DELIVER")  # test-only: this delivery fails before `deliver` runs
         except faults.InjectedFault as exc:
-            log.warning("delivery failed", error=str(exc), **job.tag)
+            log.warning("delivery failed", error=str(exc))
             if update.outcome is None:
                 self.engine.fail(job, exc)
                 return
@@ -174,7 +174,7 @@ class Daemon:
         try:
             job.deliver(update)
         except Exception as exc:
-            log.exception("delivering an engine update failed", **job.tag)
+            log.exception("delivering an engine update failed")
             if update.outcome is None:
                 self.engine.fail(job, exc)
 
