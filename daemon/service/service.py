@@ -244,14 +244,20 @@ class Daemon:
                 **ctx.summary,
             )
 
-    async def encode(self, text: str | None, messages: list[rpc.ChatMessage] | None) -> list[int]:
+    async def encode(
+        self,
+        text: str | None,
+        messages: list[rpc.ChatMessage] | None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """The prompt's tokens: `text` as is, or `messages` through the chat template."""
         tokenizer = self.model.tokenizer
 
         def run() -> list[int]:
             if messages is not None:
                 chat = [{"role": m.role, "content": m.content} for m in messages]
                 rendered = tokenizer.apply_chat_template(
-                    chat, add_generation_prompt=True, tokenize=False
+                    chat, add_generation_prompt=add_generation_prompt, tokenize=False
                 )
                 return list(tokenizer.encode(rendered, add_special_tokens=False))
             return list(tokenizer.encode(text))
