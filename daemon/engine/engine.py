@@ -21,7 +21,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from .. import faults
+from mlxd import faults
+
 from ..kv.snapshot import quantize_cache
 from ..metrics import LatencyWindow
 from .sampling import make_sampler

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.numpy
 
+from mlxd import faults
 from mlxd.durable import TEMP_SUFFIX, write_all, write_atomic
 
 __all__ = [
@@ -81,15 +82,7 @@ _METADATA_KEYS = (
 # The token list lives in the header, so the cap must fit long contexts (~8 bytes a
 # token); it exists so a garbage length cannot make us allocate gigabytes.
 _MAX_HEADER = 64 * 1024 * 1024
-# Fault injection for tests of the disk-error paths (like MLXD_FAULT_ENGINE_STEPS): the
-# next N writes fail as on a full disk (ENOSPC, halfway through the data) or a read-only
-# folder (EROFS, creating the temp file). Tests run as root, where chmod cannot stop writes.
-_FAULTS = {
-    errno.ENOSPC: int(os.environ.get("MLXD_FAULT_WRITE_ENOSPC", "0") or 0),
-    errno.EROFS: int(os.environ.get("MLXD_FAULT_WRITE_EROFS", "0") or 0),
-}
-# ... and the next N removals fail as on a read-only folder (MLXD_FAULT_UNLINK_EROFS).
-_UNLINK_FAULTS = {errno.EROFS: int(os.environ.get("MLXD_FAULT_UNLINK_EROFS", "0") or 0)}
+
 
 # numpy dtype <-> safetensors dtype code, for the only dtypes our files contain.
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
@@ -173,21 +166,20 @@ def _metadata(snap: Snapshot, fingerprint: str, session: str) -> dict[str, str]:
     return meta
 
 
-def _injected_fault(code: int, path: Path, faults: dict[int, int] = _FAULTS) -> None:
-    if faults[code] > 0:
-        faults[code] -= 1
+def _injected_fault(point: str, code: int, path: Path) -> None:
+    if faults.take(point):
         raise OSError(code, f"{os.strerror(code)} (injected)", str(path))
 
 
 def _half_write_fault(fd: int, tmp: Path) -> None:
-    if _FAULTS[errno.ENOSPC]:  # a disk filling up mid-write
+    if faults.take("WRITE_ENOSPC"):  # a disk filling up mid-write
         write_all(fd, b"\0" * 4096)
-        _injected_fault(errno.ENOSPC, tmp)
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected)", str(tmp))
 
 
 def remove(path: Path) -> None:
     """Delete a cache file (writer thread); a file already gone is not an error."""
-    _injected_fault(errno.EROFS, path, _UNLINK_FAULTS)
+    _injected_fault("UNLINK_EROFS", errno.EROFS, path)
     Path(path).unlink(missing_ok=True)
 
 
@@ -206,7 +198,7 @@ def write_snapshot(
         raise OSError(
             errno.EFBIG, f"{len(data)} bytes exceed the disk budget of {max_bytes}", str(path)
         )
-    _injected_fault(errno.EROFS, path.parent)
+    _injected_fault("WRITE_EROFS", errno.EROFS, path.parent)
     # 0600 from creation: KV caches reveal the conversation, so never world-readable.
     write_atomic(path, data, mode=0o600, before_write=_half_write_fault)
     return len(data)

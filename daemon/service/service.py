@@ -12,9 +12,9 @@ import anyio
 import mlx.core as mx
 import structlog
 
-from mlxd import rpc
+from mlxd import faults, rpc
 
-from .. import BLAS, faults
+from .. import BLAS
 from ..config import Config
 from ..engine.bridge import LoopBridge
 from ..engine.engine import Engine, Job, Update
