@@ -107,11 +107,8 @@ def mypy_tree() -> Path:
     """mypy cannot follow setuptools' package-dir mapping: show it the `mlxd` package as
     it is installed, as a tree of links to the folders in this checkout."""
     tree = VENV / "mypy-src"
-    links = {
-        "__init__.py": "mlxd_pkg/__init__.py",
-        "__main__.py": "mlxd_pkg/__main__.py",
-        "cli.py": "mlxd_pkg/cli.py",
-        "paths.py": "mlxd_pkg/paths.py",
+    links = {f.name: f"mlxd_pkg/{f.name}" for f in sorted((ROOT / "mlxd_pkg").glob("*.py"))}
+    links |= {
         "rpc": "rpc",
         "daemon": "daemon",
         "client": "clients/python",

@@ -25,12 +25,6 @@ class LatencyWindow:
     def add(self, ms: float) -> None:
         self._samples.append(ms)
 
-    def extend(self, ms: list[float]) -> None:
-        self._samples.extend(ms)
-
     def percentiles(self) -> tuple[float, float, float]:
         values = sorted(self._samples)
         return percentile(values, 50), percentile(values, 95), percentile(values, 99)
-
-    def __len__(self) -> int:
-        return len(self._samples)

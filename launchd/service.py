@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
+
+from mlxd.durable import write_atomic
 
 from .plist import ServiceConfig, exit_timeout_s, render_plist
 from .systemd import render_socket_unit, render_unit, socket_unit_name, unit_name
@@ -88,22 +88,11 @@ def command_failure(proc: subprocess.CompletedProcess[str]) -> str:
     return f"{shlex.join(proc.args)} failed with exit code {proc.returncode}: {said}"
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    # Temp file in the same folder + os.replace: the manager never reads a half-written file.
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Atomic: the manager never reads a half-written file. 0644: launchd refuses plists
+    # that are group- or world-writable.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # launchd refuses plists that are group- or world-writable; mkstemp gives 0600.
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode=0o644)
 
 
 class _Manager:

@@ -7,6 +7,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from mlxd.durable import write_atomic
+
 __all__ = ["TOKEN_FILE", "cache_dir", "load_token", "state_dir"]
 
 TOKEN_FILE = "api-token"
@@ -43,7 +45,8 @@ def load_token(state_dir: Path) -> str:
         pass
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = "mlxd-" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    try:
+        write_atomic(path, (token + "\n").encode(), mode=0o600, exclusive=True)
+    except FileExistsError:  # another process made it first: theirs is the token
+        return path.read_text().strip()
     return token

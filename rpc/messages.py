@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 __all__ = [
@@ -342,8 +341,3 @@ class ContextTooLongData(Result):
 class CancelledData(Result):
     text: str
     usage: Usage
-
-
-def to_builtins(obj: Any) -> Any:
-    """A Struct as plain JSON-able Python values (for logs and error data)."""
-    return msgspec.to_builtins(obj)

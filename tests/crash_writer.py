@@ -9,7 +9,8 @@ prints "reaped PID SIGNAL" and waits for the next line.
 The writers run daemon/kv/cachefile.py's own write_snapshot, loaded from its file alone:
 the daemon package loads OpenBLAS, and mlx and mlx-lm take over a second (mlx-lm imports
 transformers) and start thread pools; forking a process with those threads can hang.
-Writing a file needs none of them (cachefile.py imports no MLX); only numpy and safetensors.
+Writing a file needs none of them (cachefile.py imports no MLX): numpy, safetensors, and
+the standard-library-only mlxd.durable and mlxd.faults.
 """
 
 from __future__ import annotations

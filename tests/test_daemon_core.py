@@ -140,6 +140,14 @@ def test_messages_use_the_chat_template(daemon: DaemonProcess) -> None:
         assert chat.count > plain.count
         result = client.generate(messages=[{"role": "user", "content": "hi"}], max_tokens=5)
         assert result.usage.prompt_tokens == chat.count
+        # Without the generation prompt: the same rendering, less the assistant's opening.
+        bare = client.tokenize(
+            messages=[{"role": "user", "content": "hi"}], add_generation_prompt=False
+        )
+        assert 0 < bare.count < chat.count
+        assert chat.tokens[: bare.count] == bare.tokens
+        opening = client.tokenize("<|assistant|>").tokens
+        assert chat.tokens[bare.count :] == opening[-(chat.count - bare.count) :]
 
 
 @pytest.mark.skipif(

@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from mlxd.client import Client, RequestCancelled, RpcError
+from mlxd.durable import write_atomic
 from mlxd.paths import state_dir
 
 __all__ = ["chats_dir", "run_chat", "sanitize"]
@@ -65,18 +65,10 @@ def _load(path: Path) -> list[dict[str, str]]:
 
 
 def _save(path: Path, session: str, messages: list[dict[str, str]]) -> None:
-    """Write atomically (temp file, rename), readable by the user only."""
+    """Write atomically and durably, readable by the user only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "session": session, "messages": messages}, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps({"version": 1, "session": session, "messages": messages}, indent=1)
+    write_atomic(path, (text + "\n").encode("utf-8"), mode=0o600)
 
 
 # -- Ctrl-C during a reply -----------------------------------------------------------

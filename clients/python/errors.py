@@ -35,10 +35,6 @@ class _CodedError(RpcError):
     def __init__(self, message: str, data: Any = msgspec.UNSET) -> None:
         super().__init__(self.CODE, message, data)
 
-    @classmethod
-    def from_object(cls, error: ErrorObject) -> RpcError:
-        return cls(error.message, error.data)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
 

@@ -21,7 +21,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from .. import faults
+from mlxd import faults
+
 from ..kv.snapshot import quantize_cache
 from ..metrics import LatencyWindow
 from .sampling import make_sampler
@@ -53,7 +54,6 @@ class Job:
     keep_cache: bool = False  # hand the final KV cache back (sessions)
     kv_bits: int = 0  # quantize that cache (8 or 4) to keep more sessions in memory
     t_arrival: float = field(default_factory=time.perf_counter)
-    tag: dict[str, Any] = field(default_factory=dict)  # ids for logs, passed explicitly
 
 
 @dataclass(slots=True)
@@ -169,7 +169,9 @@ class Engine:
             try:
                 if not self._drain_inbox(block=not self._running):
                     break
-                if self.step() and not self._running:
+                was_running = bool(self._running)
+                self.step()
+                if was_running and not self._running:
                     # Idle now. Finished requests leave reference cycles (closures, caught
                     # cancellations) that hold KV arrays: big native buffers behind small
                     # Python objects, which the collector's object counts never notice.
@@ -277,17 +279,17 @@ class Engine:
         mx.eval([c.state for c in cache])
         return cache
 
-    def step(self) -> bool:
-        """One decode step plus one prefill chunk; False when there was nothing to do."""
+    def step(self) -> None:
+        """One decode step plus one prefill chunk, when anything is running."""
         if not self._running:
-            return False
+            return
         try:
             faults.check("ENGINE_STEPS")
             _, responses = self._generator().next()
         except Exception as exc:
             log.exception("batch step failed; failing %d running requests", len(self._running))
             self._fail_all(exc)
-            return True
+            return
         self.steps += 1
         now = time.perf_counter()
         updates = []
@@ -303,7 +305,6 @@ class Engine:
             updates.append((state.job, update))
         if updates:
             self._emit(updates)
-        return True
 
     def _fail_one(self, state: _Running, exc: BaseException) -> Update:
         """An "error" outcome for one job; its sequence leaves the batch if still in it."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -38,6 +37,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.numpy
 
+from mlxd import faults
+from mlxd.durable import TEMP_SUFFIX, write_all, write_atomic
+
 __all__ = [
     "FORMAT",
     "GROUP_SIZE",
@@ -49,7 +51,6 @@ __all__ = [
     "CacheFileError",
     "Snapshot",
     "compute_checksum",
-    "fsync_dir",
     "header_tokens",
     "quarantine",
     "read_metadata",
@@ -64,7 +65,6 @@ FORMAT = "mlxd-kv"
 VERSION = "1"
 GROUP_SIZE = 64  # mx.quantize's default; head_dim is a multiple of it for common models
 KV_BITS = (0, 4, 8)
-TEMP_SUFFIX = ".tmp"
 
 _METADATA_KEYS = (
     "format",
@@ -82,16 +82,7 @@ _METADATA_KEYS = (
 # The token list lives in the header, so the cap must fit long contexts (~8 bytes a
 # token); it exists so a garbage length cannot make us allocate gigabytes.
 _MAX_HEADER = 64 * 1024 * 1024
-_WRITE_CHUNK = 8 * 1024 * 1024
-# Fault injection for tests of the disk-error paths (like MLXD_FAULT_ENGINE_STEPS): the
-# next N writes fail as on a full disk (ENOSPC, halfway through the data) or a read-only
-# folder (EROFS, creating the temp file). Tests run as root, where chmod cannot stop writes.
-_FAULTS = {
-    errno.ENOSPC: int(os.environ.get("MLXD_FAULT_WRITE_ENOSPC", "0") or 0),
-    errno.EROFS: int(os.environ.get("MLXD_FAULT_WRITE_EROFS", "0") or 0),
-}
-# ... and the next N removals fail as on a read-only folder (MLXD_FAULT_UNLINK_EROFS).
-_UNLINK_FAULTS = {errno.EROFS: int(os.environ.get("MLXD_FAULT_UNLINK_EROFS", "0") or 0)}
+
 
 # numpy dtype <-> safetensors dtype code, for the only dtypes our files contain.
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
@@ -175,47 +166,20 @@ def _metadata(snap: Snapshot, fingerprint: str, session: str) -> dict[str, str]:
     return meta
 
 
-def _full_fsync(fd: int) -> None:
-    # On macOS fsync() only reaches the drive's cache; F_FULLFSYNC asks it to flush.
-    # Some filesystems (network, FAT) reject it; plain fsync is the best they offer.
-    if hasattr(fcntl, "F_FULLFSYNC"):
-        try:
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-            return
-        except OSError:
-            pass
-    os.fsync(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in folder `path` durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        _full_fsync(fd)
-    except OSError as e:
-        # Some filesystems cannot fsync a folder; the rename is as durable as they allow.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view[:_WRITE_CHUNK])
-        view = view[written:]
-
-
-def _injected_fault(code: int, path: Path, faults: dict[int, int] = _FAULTS) -> None:
-    if faults[code] > 0:
-        faults[code] -= 1
+def _injected_fault(point: str, code: int, path: Path) -> None:
+    if faults.take(point):
         raise OSError(code, f"{os.strerror(code)} (injected)", str(path))
+
+
+def _half_write_fault(fd: int, tmp: Path) -> None:
+    if faults.take("WRITE_ENOSPC"):  # a disk filling up mid-write
+        write_all(fd, b"\0" * 4096)
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected)", str(tmp))
 
 
 def remove(path: Path) -> None:
     """Delete a cache file (writer thread); a file already gone is not an error."""
-    _injected_fault(errno.EROFS, path, _UNLINK_FAULTS)
+    _injected_fault("UNLINK_EROFS", errno.EROFS, path)
     Path(path).unlink(missing_ok=True)
 
 
@@ -234,27 +198,9 @@ def write_snapshot(
         raise OSError(
             errno.EFBIG, f"{len(data)} bytes exceed the disk budget of {max_bytes}", str(path)
         )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    # 0600 from creation: KV caches reveal the conversation, so never world-readable,
-    # not even between open() and a later chmod().
-    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-    _injected_fault(errno.EROFS, path.parent)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        try:
-            if _FAULTS[errno.ENOSPC]:
-                _write_all(fd, data[: len(data) // 2])
-                _injected_fault(errno.ENOSPC, tmp)
-            _write_all(fd, data)
-            _full_fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    _injected_fault("WRITE_EROFS", errno.EROFS, path.parent)
+    # 0600 from creation: KV caches reveal the conversation, so never world-readable.
+    write_atomic(path, data, mode=0o600, before_write=_half_write_fault)
     return len(data)
 
 

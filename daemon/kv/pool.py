@@ -87,8 +87,6 @@ class BlockPool:
         self.used = 0  # always the sum of the live reservations' blocks
         self.live: set[Reservation] = set()
         self._queue: deque[_Waiter] = deque()
-        self.admitted = 0
-        self.rejected = 0
         self.mean_hold_s = 0.5  # running estimate, for retry_after_ms
 
     def blocks_for(self, tokens: int) -> int:
@@ -125,7 +123,6 @@ class BlockPool:
         """
         blocks = self.blocks_for(tokens)
         if blocks > self.total:
-            self.rejected += 1
             raise rpc.RpcError(
                 rpc.ErrorCode.CONTEXT_TOO_LONG,
                 f"request needs {blocks} blocks of {self.block_tokens} tokens; "
@@ -149,7 +146,6 @@ class BlockPool:
             await make_room(blocks)
             reservation = self.try_reserve(blocks)
         if reservation is not None:
-            self.admitted += 1
             return reservation
         return await self._wait(blocks, make_room)
 
@@ -157,7 +153,6 @@ class BlockPool:
         self, blocks: int, make_room: Callable[[int], Awaitable[None]] | None
     ) -> Reservation:
         if len(self._queue) >= self.max_queue:
-            self.rejected += 1
             raise rpc.RpcError(
                 rpc.ErrorCode.SERVER_BUSY,
                 f"server busy: {len(self._queue)} requests queued (limit {self.max_queue})",
@@ -185,7 +180,6 @@ class BlockPool:
                 self._queue.remove(waiter)
                 self._wake()  # a smaller request behind us may fit now
             raise
-        self.admitted += 1
         return Reservation(blocks, self)
 
     def retry_after_ms(self) -> int:

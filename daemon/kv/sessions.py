@@ -36,9 +36,8 @@ from typing import Any
 import anyio
 import structlog
 
-from mlxd import rpc
+from mlxd import faults, rpc
 
-from .. import faults
 from . import cachefile
 from . import snapshot as kvsnap
 from .pool import BlockPool, Reservation

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlxd.durable import publish_folder
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -139,15 +140,11 @@ def ensure_builtin(name: str, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_model(name, spec, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process published the same folder first; theirs is identical.
-            if not _complete(target):
-                raise
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(target.parent)
+        raise
+    # Another process may publish the same folder first; theirs is identical.
+    publish_folder(tmp, target, _complete)
     return target
 
 
@@ -206,8 +203,6 @@ def _write_model(name: str, spec: BuiltinSpec, folder: Path) -> None:
         folder / "generation_config.json",
         {"bos_token_id": _BOS, "eos_token_id": [_EOS, _END], "pad_token_id": _PAD},
     )
-    for f in folder.iterdir():
-        _fsync_file(f)
     folder.chmod(0o755)  # mkdtemp makes it 0700; the cache is not secret.
 
 
@@ -335,16 +330,3 @@ def _tokenizer_config() -> dict[str, Any]:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem can fsync a directory
-        _fsync_file(path)

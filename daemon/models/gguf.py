@@ -14,6 +14,8 @@ from typing import Any, BinaryIO, cast
 
 import mlx.core as mx
 
+from mlxd.durable import publish_folder
+
 __all__ = [
     "IMPORT_VERSION",
     "GGUFError",
@@ -126,14 +128,11 @@ def import_gguf(path: Path, cache_dir: Path) -> Path:
     try:
         _write_folder(path, header, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache is not secret
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process published the same import first; theirs is identical.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Another process may publish the same import first; theirs is identical.
+    publish_folder(tmp, target, lambda t: (t / "config.json").is_file())
     return target
 
 
@@ -257,12 +256,6 @@ def _write_folder(path: Path, header: dict[str, Any], folder: Path) -> None:
     _write_json(folder / "config.json", config)
     for name, content in tokenizer_files.items():
         _write_json(folder / name, content)
-    for f in folder.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _config(meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +21,7 @@ from mlxd.daemon.models import sharding
 from mlxd.daemon.models.builtin_model import ensure_builtin
 from mlxd.daemon.models.gguf import GGUFError, import_gguf, is_gguf
 from mlxd.daemon.models.smollm2 import DISTRIBUTION, smollm2_gguf
+from mlxd.durable import write_atomic
 
 __all__ = [
     "BUILTIN_PREFIX",
@@ -296,11 +296,4 @@ def _write_memo(path: Path, memo: dict[str, Any]) -> None:
     # Atomic, so a concurrent reader sees the old or the new memo, never half of one.
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(memo, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(memo, indent=1).encode(), mode=0o644)

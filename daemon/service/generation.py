@@ -13,9 +13,8 @@ import anyio
 import msgspec
 import structlog
 
-from mlxd import rpc
+from mlxd import faults, rpc
 
-from .. import faults
 from ..engine.engine import Job, Outcome, Update
 from ..transport.server import RequestContext
 

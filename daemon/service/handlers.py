@@ -6,8 +6,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 import mlxd
 from mlxd import rpc
 
@@ -57,17 +55,7 @@ async def initialize(daemon: Daemon, params: rpc.InitializeParams, ctx: RequestC
 
 
 async def tokenize(daemon: Daemon, params: rpc.TokenizeParams, ctx: RequestContext) -> Any:
-    if params.messages is not None and not params.add_generation_prompt:
-        tokenizer = daemon.model.tokenizer
-        chat = [{"role": m.role, "content": m.content} for m in params.messages]
-
-        def run() -> list[int]:
-            text = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
-            return list(tokenizer.encode(text, add_special_tokens=False))
-
-        tokens = await anyio.to_thread.run_sync(run)
-    else:
-        tokens = await daemon.encode(params.text, params.messages)
+    tokens = await daemon.encode(params.text, params.messages, params.add_generation_prompt)
     return rpc.TokenizeResult(tokens, len(tokens))
 
 

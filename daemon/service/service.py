@@ -12,9 +12,9 @@ import anyio
 import mlx.core as mx
 import structlog
 
-from mlxd import rpc
+from mlxd import faults, rpc
 
-from .. import BLAS, faults
+from .. import BLAS
 from ..config import Config
 from ..engine.bridge import LoopBridge
 from ..engine.engine import Engine, Job, Update
@@ -169,7 +169,7 @@ class Daemon:
         try:
             faults.check("DELIVER")  # test-only: this delivery fails before `deliver` runs
         except faults.InjectedFault as exc:
-            log.warning("delivery failed", error=str(exc), **job.tag)
+            log.warning("delivery failed", error=str(exc))
             if update.outcome is None:
                 self.engine.fail(job, exc)
                 return
@@ -180,7 +180,7 @@ class Daemon:
         try:
             job.deliver(update)
         except Exception as exc:
-            log.exception("delivering an engine update failed", **job.tag)
+            log.exception("delivering an engine update failed")
             if update.outcome is None:
                 self.engine.fail(job, exc)
 
@@ -250,14 +250,20 @@ class Daemon:
                 **ctx.summary,
             )
 
-    async def encode(self, text: str | None, messages: list[rpc.ChatMessage] | None) -> list[int]:
+    async def encode(
+        self,
+        text: str | None,
+        messages: list[rpc.ChatMessage] | None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """The prompt's tokens: `text` as is, or `messages` through the chat template."""
         tokenizer = self.model.tokenizer
 
         def run() -> list[int]:
             if messages is not None:
                 chat = [{"role": m.role, "content": m.content} for m in messages]
                 rendered = tokenizer.apply_chat_template(
-                    chat, add_generation_prompt=True, tokenize=False
+                    chat, add_generation_prompt=add_generation_prompt, tokenize=False
                 )
                 return list(tokenizer.encode(rendered, add_special_tokens=False))
             return list(tokenizer.encode(text))

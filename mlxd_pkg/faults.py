@@ -4,9 +4,10 @@ Read once from the environment at import; unset (every real run) costs one dict 
 Points: ENGINE_STEPS (a whole batch step), TOKEN (per-token handling on the engine
 thread), DELIVER (handing an update to its request on the loop), COMMIT (a session's
 commit after its turn), PREFIX_COLLIDE (read once at start-up: every prefix index key is
-the same, so only the token comparison tells prefixes apart). The session file writes
-keep their own MLXD_FAULT_WRITE_* reads in kv/cachefile.py, which crash tests load as a
-lone file, without this package.
+the same, so only the token comparison tells prefixes apart), and for the session cache
+files WRITE_ENOSPC (a full disk, halfway through the data), WRITE_EROFS (a read-only
+folder, creating the temp file) and UNLINK_EROFS (a removal). Tests run as root, where
+chmod cannot stop writes. Standard library only, so the no-MLX modules can use it too.
 """
 
 from __future__ import annotations
