@@ -237,9 +237,9 @@ class LockstepEngine(Engine):
             if outer:
                 self._busy_since = None
 
-    def step(self) -> bool:
+    def step(self) -> None:
         with self.talking():
-            return super().step()
+            super().step()
 
     def _cancel(self, job: Job, error: BaseException | None = None) -> None:
         with self.talking():
