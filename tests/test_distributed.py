@@ -149,12 +149,13 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
         assert proc.wait(60) is not None
     finally:
         reap(proc, pids)
-    # Each stream got its one reply: finished, or cut at the drain deadline with its text.
+    # Each stream got its one reply: finished, or cut at the drain deadline with its usage
+    # (its text may be empty: the random model's bytes can be held back as partial UTF-8).
     for r in results:
         assert r is not None
         if isinstance(r, RpcError):
             assert r.code == ErrorCode.REQUEST_CANCELLED, r
-            assert r.data["text"]
+            assert r.data["usage"]["completion_tokens"] >= 1, r.data
     assert rank_exits(proc) == {0: "completed", 1: "completed"}, proc.lines[-20:]
 
 
