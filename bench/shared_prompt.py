@@ -115,6 +115,9 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 "same_replies": sum(
                     len({turns[s][i]["text"] for s in SIDES}) == 1 for i in range(n)
                 ),
+                "same_replies_mlxd": sum(
+                    turns[SESSIONS][i]["text"] == turns[SESSIONLESS][i]["text"] for i in range(n)
+                ),
             }
             rows.append(row)
             log(
