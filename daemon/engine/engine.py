@@ -9,6 +9,7 @@ raises: a failed step fails the running jobs, a failure in one job's handling th
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import queue
@@ -90,6 +91,23 @@ class _Running:
     logprobs: list[float] | None = None
     t_first: float | None = None
     t_last: float = 0.0
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS): its allocator returns pages itself
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def _release_free_heap() -> None:
+    """Give the heap's free pages back to the system once idle: glibc keeps what a burst of
+    requests freed (prompt buffers, detokenizer state) and RSS would only ever grow."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class _Stop:
@@ -176,6 +194,7 @@ class Engine:
                     # cancellations) that hold KV arrays: big native buffers behind small
                     # Python objects, which the collector's object counts never notice.
                     gc.collect()
+                    _release_free_heap()
             except Exception:  # never let one bad step kill the engine
                 log.exception("engine step failed")
 
