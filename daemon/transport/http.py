@@ -31,7 +31,8 @@ from mlxd.rpc import anthropic as an
 from mlxd.rpc import openai as oa
 from mlxd.rpc.errors import UNDECODABLE
 
-from .server import RequestContext, RpcServer, _hung_up
+from .connection import hung_up, next_connection_id
+from .server import RequestContext, RpcServer
 
 if TYPE_CHECKING:
     import enum
@@ -234,11 +235,9 @@ class HttpFront:
         await _Conn(self, stream, conn_id, tcp=False).run(data)
 
     async def serve_tcp(self, stream: ByteStream) -> None:
-        from .server import _conn_ids
-
         self.daemon.server.connections += 1
         try:
-            await _Conn(self, stream, next(_conn_ids), tcp=True).run(b"")
+            await _Conn(self, stream, next_connection_id(), tcp=True).run(b"")
         except Exception:  # one connection's bug must not stop the daemon serving the others
             log.exception("http connection failed")
         finally:
@@ -563,7 +562,7 @@ class _Conn:
                 data = await self.stream.receive(65536)
             except _STREAM_ERRORS:
                 data = b""
-            if not data and _hung_up(self.stream):
+            if not data and hung_up(self.stream):
                 self.closed = True
                 ctx.scope.cancel()
                 return

@@ -8,8 +8,6 @@ JSON-RPC and the method table it is given, not what any method does.
 
 from __future__ import annotations
 
-import itertools
-import select
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,14 +16,15 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
-from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+from anyio.abc import ByteStream, TaskGroup
 
 from mlxd import rpc
+
+from .connection import hung_up, next_connection_id
 
 __all__ = ["Handler", "RequestContext", "RpcServer"]
 
 log = structlog.get_logger("mlxd.server")
-_conn_ids = itertools.count(1)
 _BROKEN_GRACE_S = 5.0  # a broken connection's cancelled requests reply within this, or not
 # A cancelled request normally ends through its hook (the engine's next step, with its
 # partial text). A send blocked on a peer that stopped reading cannot see that: it is
@@ -159,7 +158,7 @@ class RpcServer:
             ctx.cancel()
 
     async def serve_stream(self, stream: ByteStream) -> None:
-        conn_id = next(_conn_ids)
+        conn_id = next_connection_id()
         codec = rpc.Connection(max_frame_bytes=self.max_frame_bytes)
         writer = _Writer(stream, codec, self.send_timeout_s)
         inflight: dict[int | str, RequestContext] = {}
@@ -231,7 +230,7 @@ class RpcServer:
                 eof = not data
                 codec.receive_data(data)
             elif event is rpc.CLOSED:
-                return "half_closed" if eof and not _hung_up(stream) else "gone"
+                return "half_closed" if eof and not hung_up(stream) else "gone"
             elif event is rpc.HTTP:
                 return "http"
             elif isinstance(event, rpc.FramingError):
@@ -400,19 +399,6 @@ class RpcServer:
             if self.on_request_done is not None:
                 self.on_request_done(ctx, outcome, (time.perf_counter() - started) * 1000)
             self._activity()
-
-
-def _hung_up(stream: ByteStream) -> bool:
-    """Did the peer close both directions (gone), rather than only its sending side?"""
-    sock = stream.extra(SocketAttribute.raw_socket, None)
-    if sock is None:
-        return False  # not a socket (stdio): EOF means the peer is done
-    if sock.fileno() < 0:
-        return True  # closed already: our writer gave up on this peer
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0))
-    events = dict(poller.poll(0)).get(sock.fileno(), 0)
-    return bool(events & (select.POLLHUP | select.POLLERR))
 
 
 def _known(code: int) -> bool:
