@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Unpack, cast
+from typing import Any, cast
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
@@ -23,9 +22,7 @@ from mlxd.rpc import (
     NEED_DATA,
     Batch,
     CancelParams,
-    ClientInfo,
     Connection,
-    EmptyParams,
     ErrorCode,
     ErrorObject,
     Framing,
@@ -33,19 +30,8 @@ from mlxd.rpc import (
     GenerateDelta,
     GenerateParams,
     GenerateResult,
-    InitializeParams,
-    InitializeResult,
     Message,
-    ModelInfo,
-    ModelsSwapParams,
     Response,
-    SessionForkParams,
-    SessionInfo,
-    SessionParams,
-    SessionSaveParams,
-    ShutdownParams,
-    StatusResult,
-    TokenizeResult,
     notification,
     request,
 )
@@ -54,16 +40,12 @@ from ._common import (
     CANCEL,
     GENERATE,
     RECV_BYTES,
-    ChatInput,
-    Sampling,
-    client_info,
     connect_retries,
     delta_of,
-    generate_params,
     result_of,
     socket_path,
-    tokenize_params,
 )
+from ._methods import AsyncMethods
 from .errors import ConnectionClosed, DaemonNotRunning, ProtocolError
 
 __all__ = [
@@ -117,7 +99,7 @@ class _Pending:
         return self.reply
 
 
-class AsyncClient:
+class AsyncClient(AsyncMethods["AsyncGenerateStream"]):
     """An mlxd client for anyio (asyncio or trio); many requests may run at once.
 
     Use `async with AsyncClient(path) as client:`. A background task reads the socket and
@@ -256,86 +238,8 @@ class AsyncClient:
         """Ask mlxd to cancel a request; it then replies -32800 (RequestCancelled)."""
         await self._send(notification(CANCEL, CancelParams(request_id)))
 
-    async def initialize(self, *, client: ClientInfo | None = None) -> InitializeResult:
-        params = InitializeParams(client=client or client_info())
-        result: InitializeResult = await self.call("initialize", params)
-        return result
-
-    async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatInput] | None = None,
-        session: str | None = None,
-        **sampling: Unpack[Sampling],
-    ) -> GenerateResult:
-        params = generate_params(prompt, messages, session, sampling, stream=False)
-        result: GenerateResult = await self.call(GENERATE, params)
-        return result
-
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatInput] | None = None,
-        session: str | None = None,
-        **sampling: Unpack[Sampling],
-    ) -> AsyncGenerateStream:
-        """`async with client.stream(...) as deltas: async for d in deltas: ...`.
-
-        `deltas.result` holds the final result afterwards. Leaving the block early, or
-        being cancelled, sends `$/cancelRequest` and still consumes the final reply.
-        """
-        params = generate_params(prompt, messages, session, sampling, stream=True)
+    def _new_stream(self, params: GenerateParams) -> AsyncGenerateStream:
         return AsyncGenerateStream(self, params)
-
-    async def tokenize(
-        self,
-        text: str | None = None,
-        *,
-        messages: Sequence[ChatInput] | None = None,
-        add_generation_prompt: bool = True,
-    ) -> TokenizeResult:
-        params = tokenize_params(text, messages, add_generation_prompt)
-        result: TokenizeResult = await self.call("tokenize", params)
-        return result
-
-    async def status(self) -> StatusResult:
-        result: StatusResult = await self.call("status", EmptyParams())
-        return result
-
-    async def sessions_list(self) -> list[SessionInfo]:
-        sessions: list[SessionInfo] = (await self.call("sessions/list", EmptyParams())).sessions
-        return sessions
-
-    async def sessions_get(self, session: str) -> SessionInfo:
-        result: SessionInfo = await self.call("sessions/get", SessionParams(session))
-        return result
-
-    async def sessions_delete(self, session: str) -> bool:
-        deleted: bool = (await self.call("sessions/delete", SessionParams(session))).deleted
-        return deleted
-
-    async def sessions_fork(self, session: str, new_session: str) -> SessionInfo:
-        params = SessionForkParams(session, new_session)
-        result: SessionInfo = await self.call("sessions/fork", params)
-        return result
-
-    async def sessions_save(self, session: str | None = None) -> int:
-        saved: int = (await self.call("sessions/save", SessionSaveParams(session))).saved
-        return saved
-
-    async def models_current(self) -> ModelInfo:
-        result: ModelInfo = await self.call("models/current", EmptyParams())
-        return result
-
-    async def models_swap(self, model: str, *, drain_timeout_s: float | None = None) -> ModelInfo:
-        params = ModelsSwapParams(model, drain_timeout_s)
-        result: ModelInfo = await self.call("models/swap", params)
-        return result
-
-    async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
-        await self.call("shutdown", ShutdownParams(drain_timeout_s))
 
     # -- requests ----------------------------------------------------------------------
 

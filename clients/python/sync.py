@@ -9,10 +9,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Unpack, cast
+from typing import Any, cast
 
 from msgspec import UNSET
 
@@ -21,27 +21,15 @@ from mlxd.rpc import (
     NEED_DATA,
     Batch,
     CancelParams,
-    ClientInfo,
     Connection,
-    EmptyParams,
     ErrorCode,
     Framing,
     FramingError,
     GenerateDelta,
+    GenerateParams,
     GenerateResult,
-    InitializeParams,
-    InitializeResult,
     Message,
-    ModelInfo,
-    ModelsSwapParams,
     Response,
-    SessionForkParams,
-    SessionInfo,
-    SessionParams,
-    SessionSaveParams,
-    ShutdownParams,
-    StatusResult,
-    TokenizeResult,
     notification,
     request,
 )
@@ -50,16 +38,12 @@ from ._common import (
     CANCEL,
     GENERATE,
     RECV_BYTES,
-    ChatInput,
-    Sampling,
-    client_info,
     connect_retries,
     delta_of,
-    generate_params,
     result_of,
     socket_path,
-    tokenize_params,
 )
+from ._methods import SyncMethods
 from .errors import ConnectionClosed, DaemonNotRunning, ProtocolError
 
 __all__ = ["Client", "GenerateStream"]
@@ -75,7 +59,7 @@ class _StreamState:
     result: GenerateResult | None = None
 
 
-class Client:
+class Client(SyncMethods["GenerateStream"]):
     """A blocking mlxd client over the daemon's Unix socket.
 
     One call at a time: methods wait for their reply and must not be called concurrently
@@ -168,87 +152,11 @@ class Client:
         """Ask mlxd to cancel a request; it then replies -32800 (RequestCancelled)."""
         self._send(notification(CANCEL, CancelParams(request_id)))
 
-    def initialize(self, *, client: ClientInfo | None = None) -> InitializeResult:
-        params = InitializeParams(client=client or client_info())
-        result: InitializeResult = self.call("initialize", params)
-        return result
-
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatInput] | None = None,
-        session: str | None = None,
-        **sampling: Unpack[Sampling],
-    ) -> GenerateResult:
-        params = generate_params(prompt, messages, session, sampling, stream=False)
-        result: GenerateResult = self.call(GENERATE, params)
-        return result
-
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[ChatInput] | None = None,
-        session: str | None = None,
-        **sampling: Unpack[Sampling],
-    ) -> GenerateStream:
-        """Generate with streaming: iterate the deltas; `.result` holds the final result.
-
-        Leaving early (break, close(), garbage collection, an exception) cancels the
-        request and consumes its final reply, so the client stays usable.
-        """
-        params = generate_params(prompt, messages, session, sampling, stream=True)
+    def _new_stream(self, params: GenerateParams) -> GenerateStream:
         self._finish_open_stream()
         state = _StreamState(self._send_request(GENERATE, params))
         self._open_stream = state
         return GenerateStream(self, state)
-
-    def tokenize(
-        self,
-        text: str | None = None,
-        *,
-        messages: Sequence[ChatInput] | None = None,
-        add_generation_prompt: bool = True,
-    ) -> TokenizeResult:
-        params = tokenize_params(text, messages, add_generation_prompt)
-        result: TokenizeResult = self.call("tokenize", params)
-        return result
-
-    def status(self) -> StatusResult:
-        result: StatusResult = self.call("status", EmptyParams())
-        return result
-
-    def sessions_list(self) -> list[SessionInfo]:
-        sessions: list[SessionInfo] = self.call("sessions/list", EmptyParams()).sessions
-        return sessions
-
-    def sessions_get(self, session: str) -> SessionInfo:
-        result: SessionInfo = self.call("sessions/get", SessionParams(session))
-        return result
-
-    def sessions_delete(self, session: str) -> bool:
-        deleted: bool = self.call("sessions/delete", SessionParams(session)).deleted
-        return deleted
-
-    def sessions_fork(self, session: str, new_session: str) -> SessionInfo:
-        result: SessionInfo = self.call("sessions/fork", SessionForkParams(session, new_session))
-        return result
-
-    def sessions_save(self, session: str | None = None) -> int:
-        saved: int = self.call("sessions/save", SessionSaveParams(session)).saved
-        return saved
-
-    def models_current(self) -> ModelInfo:
-        result: ModelInfo = self.call("models/current", EmptyParams())
-        return result
-
-    def models_swap(self, model: str, *, drain_timeout_s: float | None = None) -> ModelInfo:
-        result: ModelInfo = self.call("models/swap", ModelsSwapParams(model, drain_timeout_s))
-        return result
-
-    def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
-        self.call("shutdown", ShutdownParams(drain_timeout_s))
 
     # -- streams -----------------------------------------------------------------------
 
