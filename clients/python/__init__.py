@@ -14,26 +14,12 @@ Depends only on `mlxd.rpc`, msgspec and anyio; importing it never loads MLX or t
 Error replies raise RpcError subclasses from `mlxd.client.errors` (ServerBusy, ...).
 """
 
-from mlxd.rpc import Framing, RpcError, default_socket_path
+from mlxd.rpc import Framing, default_socket_path
 
+from . import errors
 from ._common import ChatInput, Sampling
 from .aio import AsyncClient, AsyncGenerateStream
-from .errors import (
-    ConnectionClosed,
-    ContextTooLong,
-    DaemonNotRunning,
-    InternalError,
-    InvalidParams,
-    InvalidRequest,
-    MethodNotFound,
-    ParseError,
-    ProtocolError,
-    RequestCancelled,
-    ServerBusy,
-    SessionNotFound,
-    ShuttingDown,
-    error_from_object,
-)
+from .errors import *  # noqa: F403  the exceptions, listed once in errors.__all__
 from .sync import Client, GenerateStream
 
 __all__ = [
@@ -41,23 +27,9 @@ __all__ = [
     "AsyncGenerateStream",
     "ChatInput",
     "Client",
-    "ConnectionClosed",
-    "ContextTooLong",
-    "DaemonNotRunning",
     "Framing",
     "GenerateStream",
-    "InternalError",
-    "InvalidParams",
-    "InvalidRequest",
-    "MethodNotFound",
-    "ParseError",
-    "ProtocolError",
-    "RequestCancelled",
-    "RpcError",
     "Sampling",
-    "ServerBusy",
-    "SessionNotFound",
-    "ShuttingDown",
     "default_socket_path",
-    "error_from_object",
 ]
+__all__ += errors.__all__
