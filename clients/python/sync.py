@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from msgspec import UNSET
 
@@ -49,6 +49,24 @@ from .errors import ConnectionClosed, DaemonNotRunning, ProtocolError
 __all__ = ["Client", "GenerateStream"]
 
 
+class _ClosedOnExit:
+    """`with x:` closes x on the way out."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass(eq=False)
 class _StreamState:
     """What the client and a GenerateStream share; holds no reference back to the stream."""
@@ -59,7 +77,7 @@ class _StreamState:
     result: GenerateResult | None = None
 
 
-class Client(SyncMethods["GenerateStream"]):
+class Client(SyncMethods["GenerateStream"], _ClosedOnExit):
     """A blocking mlxd client over the daemon's Unix socket.
 
     One call at a time: methods wait for their reply and must not be called concurrently
@@ -105,17 +123,6 @@ class Client(SyncMethods["GenerateStream"]):
                 raise
 
     # -- lifecycle ---------------------------------------------------------------------
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._closed_reason is None:
@@ -283,7 +290,7 @@ class Client(SyncMethods["GenerateStream"]):
         return kind(reason)
 
 
-class GenerateStream(Iterator[GenerateDelta]):
+class GenerateStream(Iterator[GenerateDelta], _ClosedOnExit):
     """The deltas of one streaming `generate`; `.result` is set once the final reply is read."""
 
     def __init__(self, client: Client, state: _StreamState) -> None:
@@ -315,17 +322,6 @@ class GenerateStream(Iterator[GenerateDelta]):
     def close(self) -> None:
         """Cancel the request if it is still running and read its final reply."""
         self._client._close_stream(self._state)
-
-    def __enter__(self) -> GenerateStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # too late to report; the next call retries
