@@ -15,6 +15,8 @@ import numpy as np
 
 from mlxd.durable import publish_folder
 
+from .tokenizer_files import added_token, bpe_tokenizer, byte_level, tokenizer_config
+
 __all__ = [
     "BUILTIN_MODELS",
     "SPECIAL_TOKENS",
@@ -45,6 +47,7 @@ _VOCAB_SIZE = 264  # 256 bytes + 7 specials, rounded up to a multiple of 8 (id 2
 # comparing full-length outputs, and markers are not text. NUL too: mlx-lm's streaming
 # byte-level detokenizer renders it as "\u0100" where decode() gives "\x00".
 _SILENT_IDS = (0, *range(_BOS, _VOCAB_SIZE))
+_SPECIAL_MAP = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 # Every message is wrapped in role markers and closed by <|end|>; the prompt starts
@@ -195,10 +198,7 @@ def _write_model(name: str, spec: BuiltinSpec, folder: Path) -> None:
     _write_json(folder / "config.json", builtin_config(name, spec))
     _write_json(folder / "tokenizer.json", _tokenizer_json())
     _write_json(folder / "tokenizer_config.json", _tokenizer_config())
-    _write_json(
-        folder / "special_tokens_map.json",
-        {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"},
-    )
+    _write_json(folder / "special_tokens_map.json", _SPECIAL_MAP)
     _write_json(
         folder / "generation_config.json",
         {"bos_token_id": _BOS, "eos_token_id": [_EOS, _END], "pad_token_id": _PAD},
@@ -262,70 +262,18 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _tokenizer_json() -> dict[str, Any]:
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    added = [
-        {
-            "id": _BOS + k,
-            "content": tok,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for k, tok in enumerate((*SPECIAL_TOKENS, "<|unused0|>"))
-    ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        # No regex split and no merges: every byte is its own token, so any UTF-8
-        # text round-trips exactly and token ids are the byte values.
-        "pre_tokenizer": {
-            "type": "ByteLevel",
-            "add_prefix_space": False,
-            "trim_offsets": False,
-            "use_regex": False,
-        },
-        # No post-processor: encode() never adds <|bos|>. Raw prompts are taken as
-        # given, and a session's next prompt extends the previous one token for token;
-        # the chat template writes <|bos|> itself.
-        "post_processor": None,
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": False,
-            "trim_offsets": False,
-            "use_regex": False,
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [],
-        },
-    }
+    specials = (*SPECIAL_TOKENS, "<|unused0|>")
+    added = [added_token(_BOS + k, tok, special=True) for k, tok in enumerate(specials)]
+    # No regex split and no merges: every byte is its own token, so any UTF-8 text
+    # round-trips exactly and token ids are the byte values. No post-processor: encode()
+    # never adds <|bos|>. Raw prompts are taken as given, and a session's next prompt
+    # extends the previous one token for token; the chat template writes <|bos|> itself.
+    return bpe_tokenizer(vocab, [], added=added, pre_tokenizer=byte_level(), post_processor=None)
 
 
 def _tokenizer_config() -> dict[str, Any]:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|bos|>",
-        "eos_token": "<|eos|>",
-        "pad_token": "<|pad|>",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        # Otherwise decode() rewrites " ," to "," and text stops round-tripping.
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    config = tokenizer_config(_SPECIAL_MAP, add_bos=False, max_length=1_000_000)
+    return config | {"chat_template": CHAT_TEMPLATE}
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

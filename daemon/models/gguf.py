@@ -16,6 +16,8 @@ import mlx.core as mx
 
 from mlxd.durable import publish_folder
 
+from .tokenizer_files import added_token, bpe_tokenizer, byte_level, tokenizer_config
+
 __all__ = [
     "IMPORT_VERSION",
     "GGUFError",
@@ -405,15 +407,9 @@ def _tokenizer_files(
     tokenizer = _tokenizer_json(tokens, types, merges, pre, bos if add_bos else None)
     special = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk),
                                  ("pad_token", pad)) if v is not None}  # fmt: skip
-    tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "add_bos_token": add_bos,
-        "add_eos_token": False,
-        # Otherwise decode() rewrites " ," to "," and text stops round-tripping.
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
+    tok_config = tokenizer_config(
+        special, add_bos=add_bos, max_length=config["max_position_embeddings"]
+    )
     if "tokenizer.chat_template" in meta:
         tok_config["chat_template"] = meta["tokenizer.chat_template"]
     generation: dict[str, Any] = {
@@ -431,20 +427,17 @@ def _tokenizer_json(
     tokens: list[str], types: list[int], merges: list[str], pre: str, bos: str | None
 ) -> dict[str, Any]:
     digits, split = _PRE_TOKENIZERS[pre]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                  "use_regex": False}  # fmt: skip
     steps: list[dict[str, Any]] = []
     if digits:
         steps.append({"type": "Digits", "individual_digits": True})
     steps.append({"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated",
                   "invert": False})  # fmt: skip
-    steps.append(byte_level)
+    steps.append(byte_level())
     added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": kind == _TOKEN_CONTROL}
+        added_token(i, t, special=kind == _TOKEN_CONTROL)
         for i, (t, kind) in enumerate(zip(tokens, types, strict=False))
         if kind in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-    ]  # fmt: skip
+    ]
     post = None
     if bos is not None:
         bos_id = tokens.index(bos)
@@ -455,28 +448,11 @@ def _tokenizer_json(
                      {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
         }  # fmt: skip
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
-        "post_processor": post,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)},
-            "merges": merges,
-        },
-    }
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pre_tokenizer = {"type": "Sequence", "pretokenizers": steps}
+    return bpe_tokenizer(
+        vocab, merges, added=added, pre_tokenizer=pre_tokenizer, post_processor=post
+    )
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
