@@ -12,7 +12,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct
 
 from .messages import ChatMessage, GenerateParams, GenerateResult, TokenizeParams
-from .openai import Unsupported, join_text
+from .openai import Unsupported, given, join_text
 
 __all__ = [
     "ContentBlockDelta",
@@ -210,15 +210,10 @@ def message_params(req: MessagesRequest, session: str | None = None) -> Generate
         raise Unsupported("max_tokens", "`max_tokens` is required")
     if req.service_tier not in (None, "auto", "standard_only"):
         raise Unsupported("service_tier", "`service_tier` is not supported")
-    fields: dict[str, Any] = {"max_tokens": req.max_tokens, "stream": bool(req.stream)}
+    fields = given(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+    fields |= {"max_tokens": req.max_tokens, "stream": bool(req.stream)}
     if req.stop_sequences:
         fields["stop"] = list(req.stop_sequences)
-    if req.temperature is not None:
-        fields["temperature"] = req.temperature
-    if req.top_p is not None:
-        fields["top_p"] = req.top_p
-    if req.top_k is not None:
-        fields["top_k"] = req.top_k
     return GenerateParams(messages=_messages(req), session=session, **fields)
 
 
@@ -254,13 +249,5 @@ def error(type: str, message: str) -> Error:
     return Error(ErrorBody(type, message))
 
 
-def decode_messages(body: bytes) -> MessagesRequest:
-    return _messages_decoder.decode(body)
-
-
-def decode_count(body: bytes) -> CountTokensRequest:
-    return _count_decoder.decode(body)
-
-
-_messages_decoder = msgspec.json.Decoder(MessagesRequest)
-_count_decoder = msgspec.json.Decoder(CountTokensRequest)
+decode_messages = msgspec.json.Decoder(MessagesRequest).decode
+decode_count = msgspec.json.Decoder(CountTokensRequest).decode

@@ -42,6 +42,7 @@ __all__ = [
     "decode_chat",
     "decode_completion",
     "error",
+    "given",
     "join_text",
     "text_chunk",
     "text_completion",
@@ -253,6 +254,11 @@ def join_text(parts: Sequence[Any], param: Callable[[int], str], kind: str) -> s
     return "\n".join(texts)
 
 
+def given(**fields: Any) -> dict[str, Any]:
+    """The `generate` fields a request set (not None); the others keep mlxd's defaults."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def _off(value: object, neutral: tuple[object, ...], param: str) -> None:
     """A field that is accepted only with a value that changes nothing."""
     if value not in neutral:
@@ -265,15 +271,10 @@ def _sampling(req: _Sampling) -> dict[str, Any]:
     _off(req.frequency_penalty, (None, 0, 0.0), "frequency_penalty")
     if req.logit_bias:
         raise Unsupported("logit_bias", "`logit_bias` is not supported")
-    fields: dict[str, Any] = {"stream": bool(req.stream)}
-    if req.max_tokens is not None:
-        fields["max_tokens"] = req.max_tokens
-    if req.temperature is not None:
-        fields["temperature"] = req.temperature
-    if req.top_p is not None:
-        fields["top_p"] = req.top_p
-    if req.seed is not None:
-        fields["seed"] = req.seed
+    fields = given(
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed
+    )
+    fields["stream"] = bool(req.stream)
     if req.stop is not None:
         fields["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     return fields
@@ -386,13 +387,5 @@ def error(message: str, type: str, param: str | None = None, code: str | None = 
     return Error(ErrorBody(message, type, param, code))
 
 
-def decode_chat(body: bytes) -> ChatCompletionRequest:
-    return _chat_decoder.decode(body)
-
-
-def decode_completion(body: bytes) -> CompletionRequest:
-    return _completion_decoder.decode(body)
-
-
-_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+decode_chat = msgspec.json.Decoder(ChatCompletionRequest).decode
+decode_completion = msgspec.json.Decoder(CompletionRequest).decode
