@@ -24,6 +24,7 @@ __all__ = [
     "free_port",
     "held_blocks",
     "other_tiny_model",
+    "probe_as_nobody",
     "short_tmpdir",
 ]
 
@@ -234,6 +235,27 @@ class RawConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+_PEER_PROBE = """
+import os, socket
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+s.connect(%r)
+try:
+    s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"status"}\\n')
+    print(repr(s.recv(100)))
+except (BrokenPipeError, ConnectionResetError):
+    print(repr(b""))
+"""
+
+
+def probe_as_nobody(socket_path: Path) -> subprocess.CompletedProcess[str]:
+    """Send `status` as uid 65534 (needs root); its stdout is repr() of what came back."""
+    probe = _PEER_PROBE % str(socket_path)
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
 
 
 def held_blocks(client: Any, per_block: int) -> int:

@@ -29,7 +29,7 @@ from mlxd.daemon.service.lifecycle import run_daemon
 from mlxd.daemon.transport import activation
 from mlxd.daemon.transport.activation import ActivationError, inherited_socket, launchd_sockets
 
-from .daemon_proc import DaemonProcess, RawConnection
+from .daemon_proc import DaemonProcess, RawConnection, probe_as_nobody
 
 ACTIVATE = shutil.which("systemd-socket-activate") or (
     "/usr/lib/systemd/systemd-socket-activate"
@@ -52,19 +52,6 @@ HOLDER = [
     "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
     "os.execv(sys.argv[1], sys.argv[1:])\n",
 ]
-PEER_PROBE = """
-import os, socket
-os.setgid(65534)
-os.setuid(65534)
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(20)
-s.connect(%r)
-try:
-    s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"status"}\\n')
-    print(repr(s.recv(100)))
-except (BrokenPipeError, ConnectionResetError):
-    print(repr(b""))
-"""
 
 
 def _held_socket(path: Path) -> socket.socket:
@@ -332,12 +319,7 @@ def test_peer_uid_check_holds_on_the_inherited_socket(folder: Path, model_cache:
             assert client.status().state == "ok"
         folder.chmod(0o755)  # the service manager's socket opened up, as a bad mode would
         proc.socket.chmod(0o666)
-        out = subprocess.run(
-            [sys.executable, "-c", PEER_PROBE % str(proc.socket)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = probe_as_nobody(proc.socket)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "b''"  # closed without an answer
         assert proc.wait_for("another user")

@@ -17,21 +17,18 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection, other_tiny_model
+from .daemon_proc import DaemonProcess, RawConnection, other_tiny_model, probe_as_nobody
 
-PEER_PROBE = """
-import os, socket
-os.setgid(65534)
-os.setuid(65534)
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(20)
-s.connect(%r)
-try:
-    s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"status"}\\n')
-    print(repr(s.recv(100)))
-except (BrokenPipeError, ConnectionResetError):
-    print(repr(b""))
-"""
+
+def _serve_refused(model_cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `serve` with the tiny model and `args`, expecting it to refuse and exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", "serve", "--model", "builtin:tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
+    )
 
 
 def _first_delta(conn: RawConnection) -> None:
@@ -143,22 +140,7 @@ def test_socket_is_private_and_long_paths_are_refused(short_dir: Path, model_cac
     finally:
         proc.stop()
     long_folder = short_dir / ("x" * 120)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlxd.daemon",
-            "serve",
-            "--model",
-            "builtin:tiny",
-            "--socket",
-            str(long_folder / "d.sock"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
-    )
+    result = _serve_refused(model_cache, "--socket", str(long_folder / "d.sock"))
     assert result.returncode == 1
     assert "socket path is" in result.stderr and "at most" in result.stderr
 
@@ -170,10 +152,7 @@ def test_peers_with_another_uid_are_refused(short_dir: Path, model_cache: Path) 
         # Open the door on purpose, as a misconfiguration would: the uid check still holds.
         short_dir.chmod(0o755)
         proc.socket.chmod(0o666)
-        probe = PEER_PROBE % str(proc.socket)
-        out = subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
-        )
+        out = probe_as_nobody(proc.socket)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "b''"  # closed without an answer
         assert any("another user" in line for line in proc.lines)
@@ -275,22 +254,7 @@ def test_a_socket_folder_owned_by_another_user_is_refused(
     folder = short_dir / "theirs"
     folder.mkdir(mode=0o700)
     os.chown(folder, 65534, 65534)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlxd.daemon",
-            "serve",
-            "--model",
-            "builtin:tiny",
-            "--socket",
-            str(folder / "d.sock"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
-    )
+    result = _serve_refused(model_cache, "--socket", str(folder / "d.sock"))
     assert result.returncode == 1
     assert "belongs to uid 65534" in result.stderr
     assert not (folder / "d.sock").exists()
@@ -302,12 +266,9 @@ def test_a_socket_in_a_shared_sticky_folder_is_refused_and_the_folder_left_alone
     shared = short_dir / "shared"  # like /tmp: world-writable with the sticky bit
     shared.mkdir()
     shared.chmod(0o1777)
-    result = subprocess.run(
-        [sys.executable, "-m", "mlxd.daemon", "serve", "--model", "builtin:tiny",
-         "--socket", str(shared / "d.sock"), "--state-dir", str(short_dir / "st")],
-        capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, MLXD_CACHE_DIR=str(model_cache)),
-    )  # fmt: skip
+    result = _serve_refused(
+        model_cache, "--socket", str(shared / "d.sock"), "--state-dir", str(short_dir / "st")
+    )
     assert result.returncode == 1
     assert "is a shared folder" in result.stderr
     assert shared.stat().st_mode & 0o7777 == 0o1777
