@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_proc import DaemonProcess, short_tmpdir
+from .daemon_proc import DaemonProcess, daemon_in_short_dir, short_tmpdir
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -32,8 +32,4 @@ def short_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
 def daemon(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[DaemonProcess]:
     """A daemon serving the tiny built-in model, on each server backend."""
-    folder = short_tmpdir()
-    proc = DaemonProcess(folder, model_cache, backend=str(request.param)).start()
-    yield proc
-    proc.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from daemon_in_short_dir(model_cache, backend=str(request.param))

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "assert_pool_is_the_sessions",
     "block_bytes",
     "blocks_beyond_anonymous",
+    "daemon_in_short_dir",
     "free_port",
     "held_blocks",
     "other_tiny_model",
@@ -61,6 +63,20 @@ def free_port() -> int:
 def short_tmpdir() -> Path:
     """A folder short enough for a socket path (sun_path is 104-108 bytes)."""
     return Path(tempfile.mkdtemp(prefix="mlxd-t", dir="/tmp"))
+
+
+def daemon_in_short_dir(
+    cache_dir: Path, *args: str, backend: str = "asyncio", clean_exit: bool = False
+) -> Iterator[DaemonProcess]:
+    """For a fixture to `yield from`: a daemon serving in a fresh short folder, stopped and
+    the folder removed afterwards; with `clean_exit`, its exit code must be 0."""
+    folder = short_tmpdir()
+    proc = DaemonProcess(folder, cache_dir, *args, backend=backend).start()
+    yield proc
+    code = proc.stop()
+    if clean_exit:
+        assert code == 0, "\n".join(proc.lines[-60:])
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class DaemonProcess:

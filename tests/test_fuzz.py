@@ -5,7 +5,6 @@ error and a clean close, and nothing a client sends stops the daemon serving oth
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection, blocks_beyond_anonymous, short_tmpdir
+from .daemon_proc import DaemonProcess, RawConnection, blocks_beyond_anonymous, daemon_in_short_dir
 
 CODEC_CODES = {rpc.ErrorCode.PARSE_ERROR, rpc.ErrorCode.INVALID_REQUEST}
 ALL_CODES = set(rpc.ErrorCode)
@@ -34,16 +33,8 @@ IDLE_S = 1.0  # --idle-frame-timeout
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
 def daemon(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[DaemonProcess]:
     """This module's daemon: the tiny model, a 1 MiB frame cap and a 1 s idle timeout."""
-    folder = short_tmpdir()
-    proc = DaemonProcess(
-        folder,
-        model_cache,
-        "--max-frame-bytes", str(FRAME_CAP), "--idle-frame-timeout", str(IDLE_S),
-        backend=str(request.param),
-    ).start()  # fmt: skip
-    yield proc
-    proc.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    limits = ("--max-frame-bytes", str(FRAME_CAP), "--idle-frame-timeout", str(IDLE_S))
+    yield from daemon_in_short_dir(model_cache, *limits, backend=str(request.param))
 
 
 # -- the codec: properties over arbitrary and mutated bytes ------------------------------

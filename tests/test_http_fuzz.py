@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, short_tmpdir
+from .daemon_proc import DaemonProcess, daemon_in_short_dir
 
 FRAME_CAP = 64 * 1024  # --max-frame-bytes: also the largest HTTP body
 IDLE_S = 1.0  # --idle-frame-timeout: a partial request idle this long is closed
@@ -25,16 +24,10 @@ COMPLETION = json.dumps({"model": "x", "prompt": "hi", "max_tokens": 2}).encode(
 
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
 def daemon(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[DaemonProcess]:
-    folder = short_tmpdir()
-    proc = DaemonProcess(
-        folder,
-        model_cache,
-        "--max-frame-bytes", str(FRAME_CAP), "--idle-frame-timeout", str(IDLE_S),
-        backend=str(request.param),
-    ).start()  # fmt: skip
-    yield proc
-    assert proc.stop() == 0
-    shutil.rmtree(folder, ignore_errors=True)
+    limits = ("--max-frame-bytes", str(FRAME_CAP), "--idle-frame-timeout", str(IDLE_S))
+    yield from daemon_in_short_dir(
+        model_cache, *limits, backend=str(request.param), clean_exit=True
+    )
 
 
 @pytest.fixture

@@ -16,7 +16,13 @@ import pytest
 
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, blocks_beyond_anonymous, free_port, short_tmpdir
+from .daemon_proc import (
+    DaemonProcess,
+    blocks_beyond_anonymous,
+    daemon_in_short_dir,
+    free_port,
+    short_tmpdir,
+)
 
 LONG = {"model": "x", "prompt": "count", "max_tokens": 4000, "stream": True}
 
@@ -61,11 +67,8 @@ def wait_status(proc: DaemonProcess, check: object, timeout: float = 30) -> None
 
 @pytest.fixture(scope="module")
 def flooded(model_cache: Path) -> Iterator[DaemonProcess]:
-    folder = short_tmpdir()
-    proc = DaemonProcess(folder, model_cache, "--max-batch", "1", "--max-queue", "1").start()
-    yield proc
-    assert proc.stop() == 0
-    shutil.rmtree(folder, ignore_errors=True)
+    args = ("--max-batch", "1", "--max-queue", "1")
+    yield from daemon_in_short_dir(model_cache, *args, clean_exit=True)
 
 
 def test_flooded_daemon_is_rate_limited_with_retry_after(flooded: DaemonProcess) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import threading
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ import pytest
 from mlxd import rpc
 from mlxd.client import Client
 
-from .daemon_proc import DaemonProcess, RawConnection, block_bytes, short_tmpdir
+from .daemon_proc import DaemonProcess, RawConnection, block_bytes, daemon_in_short_dir
 
 SESSIONS = [f"soak-{i}" for i in range(4)]
 MORE = " more words " * 15  # ~180 tokens a turn: a conversation crosses a block every turn or two
@@ -33,13 +32,9 @@ MLX_MARGIN = 1024**2
 
 @pytest.fixture(scope="module")
 def soaked(model_cache: Path) -> Iterator[DaemonProcess]:
-    folder = short_tmpdir()
     # Named sessions only: the baseline needs every cache gone, and anonymous prefix-cache
     # entries cannot be deleted by a client (tests/test_prefix_cache.py covers them).
-    proc = DaemonProcess(folder, model_cache, "--prefix-cache", "off").start()
-    yield proc
-    proc.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from daemon_in_short_dir(model_cache, "--prefix-cache", "off")
 
 
 def _one(

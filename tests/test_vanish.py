@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import socket
 import threading
 import time
@@ -25,7 +24,7 @@ from .daemon_proc import (
     RawConnection,
     block_bytes,
     blocks_beyond_anonymous,
-    short_tmpdir,
+    daemon_in_short_dir,
 )
 
 POOL_BLOCKS = 4  # 1024 tokens: one long request fills it
@@ -34,15 +33,11 @@ PREFILL_CHUNK = 64  # prompt tokens per engine step: a 1000-token prompt takes 1
 
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
 def pool(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[DaemonProcess]:
-    folder = short_tmpdir()
     ensure_builtin("tiny", model_cache)  # the model exists before we size the pool
     budget = str(POOL_BLOCKS * block_bytes(model_cache))
     chunk = str(PREFILL_CHUNK)
     args = ("--kv-budget", budget, "--prefill-chunk", chunk)
-    proc = DaemonProcess(folder, model_cache, *args, backend=str(request.param)).start()
-    yield proc
-    proc.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    yield from daemon_in_short_dir(model_cache, *args, backend=str(request.param))
 
 
 def _wait(client: Client, ok: Callable[[rpc.StatusResult], bool], what: str) -> rpc.StatusResult:
