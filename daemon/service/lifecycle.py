@@ -80,6 +80,18 @@ async def _start(daemon: Daemon) -> bool:
 
 
 async def _run(daemon: Daemon, serve: Callable[[TaskGroup], Awaitable[None]]) -> None:
+    """Serve until drained (below), then close the daemon, whatever happened."""
+    try:
+        await _serve_until_drained(daemon, serve)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await daemon.close()
+        log.info("stopped")
+
+
+async def _serve_until_drained(
+    daemon: Daemon, serve: Callable[[TaskGroup], Awaitable[None]]
+) -> None:
     """Watch signals, load the model, `serve` (start the listener tasks in the group) until
     asked to stop, then drain. The daemon still accepts while draining: a new client gets
     ShuttingDown, not a hang."""
@@ -156,12 +168,7 @@ async def run_daemon(
             log.info("serving", socket=str(config.socket), pid=os.getpid())
             task_status.started(config.socket)
 
-        try:
-            await _run(daemon, serve)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await daemon.close()
-            log.info("stopped")
+        await _run(daemon, serve)
 
 
 async def run_stdio(config: Config) -> None:
@@ -177,9 +184,4 @@ async def run_stdio(config: Config) -> None:
         tg.start_soon(serve_peer)
         log.info("serving", stdio=True, pid=os.getpid())
 
-    try:
-        await _run(daemon, serve)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await daemon.close()
-        log.info("stopped")
+    await _run(daemon, serve)
