@@ -2,8 +2,9 @@
 
 A method here builds a `Call` (the request and how its result becomes the return value);
 `SyncMethods` sends it and returns the value, `AsyncMethods` does the same awaitably. So the
-blocking and the async client differ only in their I/O, as h11 and httpx share theirs.
-Errors are mapped in one place too: `call` raises a reply's error through `result_of`.
+blocking and the async client differ only in their I/O (as httpx's Client and AsyncClient
+share what they build). Errors map in one place too: each client's `call` raises a reply's
+error through `_common.result_of`.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class _Method(Generic[P, T]):
         if client is None:
             return self
         bound = client._bind(self.build)
-        bound.__name__ = bound.__qualname__ = self.__name__
+        bound.__name__ = self.__name__
+        bound.__qualname__ = f"{type(client).__name__}.{self.__name__}"
         bound.__doc__ = self.__doc__
         bound.__signature__ = self.signature
         return bound
