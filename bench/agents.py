@@ -132,8 +132,10 @@ def server_turn(
     """One turn over HTTP (`complete`); `usage` fills in the token counts after the
     timing, for a server whose stream reports none."""
     got = complete(port, prompt, max_tokens, headers=headers, extra=extra)
+    t0 = time.perf_counter()
     if usage is not None:
         usage(prompt, got)
+    untimed = time.perf_counter() - t0
     prompt_tokens = got["prompt_tokens"]
     cached = got["cached_tokens"]
     return {
@@ -146,6 +148,7 @@ def server_turn(
         if prompt_tokens is not None and cached is not None
         else None,
         "completion_tokens": got["completion_tokens"],
+        "usage_s": untimed,  # left out of the wall time
     }
 
 
@@ -188,20 +191,21 @@ def converse(
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[float]]]:
     """Turn k of every agent on each side in turn (the order alternating by round), one
     request at a time; the first side's replies grow the conversations. Returns each
-    side's turns and its wall time per round."""
+    side's turns and its wall time per round (less a turn's `usage_s`: counting after it)."""
     names = list(sides)
     turns: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
     walls: dict[str, list[float]] = {s: [] for s in names}
     for k in range(p["turns"]):
         replies: list[str] = []
         for side in names if k % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            t0, untimed = time.perf_counter(), 0.0
             for i, prompt in enumerate(prompts):
                 got = sides[side](i, prompt)
                 if side == names[0]:
                     replies.append(got["text"])
+                untimed += got.get("usage_s", 0.0)
                 turns[side].append({"agent": i, "turn": k, **got})
-            walls[side].append(time.perf_counter() - t0)
+            walls[side].append(time.perf_counter() - t0 - untimed)
         log(
             f"  turn {k + 1}/{p['turns']} (prompts ~{len(prompts[0])} characters): "
             + ", ".join(f"{s} {walls[s][-1]:.1f} s" for s in names)
