@@ -91,6 +91,12 @@ def gguf() -> Path:
     return path
 
 
+# `python -m llama_cpp.server ARGS` with its stdout (uvicorn's access log, the barrier of
+# `count`) sent to its stderr, the stream `start()` reads.
+LAUNCHER = (
+    "import os, runpy; os.dup2(2, 1); runpy.run_module('llama_cpp.server', run_name='__main__')"
+)
+
 _HIT = re.compile(r"Llama\.generate: (\d+) prefix-match hit")
 _COUNTED = "/extras/tokenize/count"  # in uvicorn's access log, once the count is answered
 
@@ -101,7 +107,6 @@ class LlamaServer(MlxServer):
 
     name = "llama_cpp.server"
     health = "/v1/models"  # the model is loaded before the server listens
-    stdout = subprocess.STDOUT  # uvicorn's access log: the barrier of `count`
 
     def __init__(self, path: Path, n_ctx: int, *args: str) -> None:
         super().__init__(str(path), *args)
@@ -113,10 +118,24 @@ class LlamaServer(MlxServer):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--n_threads", "2",
+            sys.executable, "-c", LAUNCHER, "--model", self.model, "--n_threads", "2",
             "--n_ctx", str(self.n_ctx), "--interrupt_requests", "false",
             "--host", "127.0.0.1", "--port", str(self.port), *self.args,
         ]  # fmt: skip
+
+    def start(self, timeout: float = 600.0) -> LlamaServer:
+        super().start(timeout)  # its warm-up ran one completion
+        assert self.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = self.proc.wait(2)  # a build it cannot run dies on the first completion
+            hint = (
+                " (SIGILL: llama.cpp was compiled for instructions this CPU does not run, "
+                "e.g. AMX under a VM: rebuild with CMAKE_ARGS=-DGGML_NATIVE=OFF)"
+                if code == -4
+                else ""
+            )
+            raise RuntimeError(f"{self.name} exited {code} on its first completion{hint}")
+        return self
 
     def on_line(self, line: str) -> None:
         with self.seen:
