@@ -5,6 +5,7 @@
     python3 dev.py test [pytest options]        # run the test suite
     python3 dev.py lint                         # ruff and mypy
     python3 dev.py bench [bench options]        # the benchmarks (bench/README.md)
+    python3 dev.py setup [--anchor]             # only set up; --anchor: also llama-cpp-python
 
 The first run makes .venv/ and installs the project with its extras; on Linux it also
 installs OpenBLAS (30x faster float32 matmul than the BLAS in the mlx wheel) and the
@@ -103,6 +104,19 @@ def python_env() -> None:
     STAMP.write_text(wanted)
 
 
+def anchor_env() -> None:
+    """The `anchor` extra, for `bench/run.py --suite llamacpp` only: pip compiles
+    llama-cpp-python's llama.cpp from source, so it is not part of the set-up above."""
+    probe = [str(PY), "-c", "import llama_cpp.server"]
+    if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        return
+    _say(
+        "installing the anchor extra (llama-cpp-python[server]); pip compiles llama.cpp "
+        "from source: about 7 minutes on 2 cores"
+    )
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[anchor]"], check=True)
+
+
 def mypy_tree() -> Path:
     """mypy cannot follow setuptools' package-dir mapping: show it the `mlxd` package as
     it is installed, as a tree of links to the folders in this checkout."""
@@ -130,6 +144,8 @@ def main(argv: list[str]) -> int:
     system_packages()
     python_env()
     if command == "setup":
+        if "--anchor" in rest:
+            anchor_env()
         return 0
     if command == "serve":
         cmd = [str(PY), "-m", "mlxd.daemon", "serve", *rest]

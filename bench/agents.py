@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,16 @@ from mlxd.client import Client
 from .common import Daemon, loadavg, percentiles
 from .mlx_server import MlxServer, complete
 
-__all__ = ["mlxd_turn", "run", "server_turn", "servers_up"]
+__all__ = ["compare", "converse", "mlxd_turn", "openings", "run", "server_turn", "servers_up"]
 
 # Sized for a 2-core CPU, where mlx_lm.server's full prefills dominate the run: about 6-8
 # minutes for the full workload, 1 for the quick one. `cache_size` is the reduced
 # mlx_lm.server's `--prompt-cache-size`, smaller than the number of agents.
-FULL = {"agents": 8, "turns": 5, "first": 256, "user": 160, "reply": 16, "cache_size": 4}
-QUICK = {"agents": 6, "turns": 3, "first": 128, "user": 64, "reply": 8, "cache_size": 4}
+# `first_tokens` (0: off) sizes turn 1 in tokens instead of `first` characters.
+FULL = {"agents": 8, "turns": 5, "first": 256, "user": 160, "reply": 16, "cache_size": 4,
+        "first_tokens": 0}  # fmt: skip
+QUICK = {"agents": 6, "turns": 3, "first": 128, "user": 64, "reply": 8, "cache_size": 4,
+         "first_tokens": 0}  # fmt: skip
 DEFAULT_CACHE_SIZE = 10  # mlx_lm.server's own default for --prompt-cache-size
 
 
@@ -118,8 +121,21 @@ def mlxd_turn(client: Client, prompt: str, session: str | None, max_tokens: int)
     }
 
 
-def server_turn(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
-    got = complete(port, prompt, max_tokens)
+def server_turn(
+    port: int,
+    prompt: str,
+    max_tokens: int,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    usage: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """One turn over HTTP (`complete`); `usage` fills in the token counts after the
+    timing, for a server whose stream reports none."""
+    got = complete(port, prompt, max_tokens, headers=headers, extra=extra)
+    t0 = time.perf_counter()
+    if usage is not None:
+        usage(prompt, got)
+    untimed = time.perf_counter() - t0
     prompt_tokens = got["prompt_tokens"]
     cached = got["cached_tokens"]
     return {
@@ -132,6 +148,7 @@ def server_turn(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
         if prompt_tokens is not None and cached is not None
         else None,
         "completion_tokens": got["completion_tokens"],
+        "usage_s": untimed,  # left out of the wall time
     }
 
 
@@ -153,6 +170,72 @@ def _summary(turns: list[dict[str, Any]], walls: list[float], n_turns: int) -> d
     }
 
 
+Turn = Callable[[int, str], dict[str, Any]]  # (agent, prompt) -> the turn's figures
+
+
+def openings(client: Client, p: dict[str, Any]) -> list[str]:
+    """Every agent's turn 1: `first` characters, or with `first_tokens` at least that many
+    tokens by the daemon's tokenizer (a real one makes fewer tokens than characters)."""
+    want = int(p.get("first_tokens") or 0)
+    texts = []
+    for i in range(p["agents"]):
+        n = want or p["first"]
+        while want and (count := client.tokenize(opening(i, n)).count) < want:
+            n = n * want // count + 8  # by the measured characters per token
+        texts.append(opening(i, n))
+    return texts
+
+
+def converse(
+    sides: dict[str, Turn], prompts: list[str], p: dict[str, Any], log: Any
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[float]]]:
+    """Turn k of every agent on each side in turn (the order alternating by round), one
+    request at a time; the first side's replies grow the conversations. Returns each
+    side's turns and its wall time per round (less a turn's `usage_s`: counting after it)."""
+    names = list(sides)
+    turns: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
+    walls: dict[str, list[float]] = {s: [] for s in names}
+    for k in range(p["turns"]):
+        replies: list[str] = []
+        for side in names if k % 2 == 0 else names[::-1]:
+            t0, untimed = time.perf_counter(), 0.0
+            for i, prompt in enumerate(prompts):
+                got = sides[side](i, prompt)
+                if side == names[0]:
+                    replies.append(got["text"])
+                untimed += got.get("usage_s", 0.0)
+                turns[side].append({"agent": i, "turn": k, **got})
+            walls[side].append(time.perf_counter() - t0 - untimed)
+        log(
+            f"  turn {k + 1}/{p['turns']} (prompts ~{len(prompts[0])} characters): "
+            + ", ".join(f"{s} {walls[s][-1]:.1f} s" for s in names)
+            + f", load {loadavg()}"
+        )
+        prompts = [
+            prompt + replies[i] + user_message(i, k + 2, p["user"])
+            for i, prompt in enumerate(prompts)
+        ]
+    return turns, walls
+
+
+def compare(turns: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """Per side after the first: the turns whose prompt token count and reply text equal
+    the first side's."""
+    base, *others = turns
+    return {
+        s: {
+            "prompt_tokens": sum(
+                a["prompt_tokens"] == b["prompt_tokens"]
+                for a, b in zip(turns[base], turns[s], strict=True)
+            ),
+            "reply_text": sum(
+                a["text"] == b["text"] for a, b in zip(turns[base], turns[s], strict=True)
+            ),
+        }
+        for s in others
+    }
+
+
 def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     p = dict(QUICK if quick else FULL)
@@ -168,48 +251,22 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     servers = [MlxServer(model, "--prompt-cache-size", str(p["cache_size"])), MlxServer(model)]
     with servers_up(model, servers) as (client, sessionless):
         status = client.status()
-        prompts = [opening(i, p["first"]) for i in range(n_agents)]
-        turns: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
-        walls: dict[str, list[float]] = {s: [] for s in sides}
-        for k in range(n_turns):
-            order = sides if k % 2 == 0 else sides[::-1]
-            replies: list[str] = []
-            for side in order:
-                t0 = time.perf_counter()
-                for i in range(n_agents):
-                    if side == "mlxd":
-                        got = mlxd_turn(client, prompts[i], f"agent-{i}", reply)
-                        replies.append(got["text"])
-                    elif side == SESSIONLESS:
-                        got = mlxd_turn(sessionless, prompts[i], None, reply)
-                    else:
-                        port = servers[sides.index(side) - 1].port
-                        got = server_turn(port, prompts[i], reply)
-                    turns[side].append({"agent": i, "turn": k, **got})
-                walls[side].append(time.perf_counter() - t0)
-            log(
-                f"  turn {k + 1}/{n_turns} (prompts ~{len(prompts[0])} tokens): "
-                + ", ".join(f"{s} {walls[s][-1]:.1f} s" for s in sides)
-                + f", load {loadavg()}"
-            )
-            prompts = [
-                prompts[i] + replies[i] + user_message(i, k + 2, p["user"]) for i in range(n_agents)
-            ]
+        turns, walls = converse(
+            {
+                "mlxd": lambda i, prompt: mlxd_turn(client, prompt, f"agent-{i}", reply),
+                "mlx_lm.server": lambda i, prompt: server_turn(servers[0].port, prompt, reply),
+                DEFAULT_SIDE: lambda i, prompt: server_turn(servers[1].port, prompt, reply),
+                SESSIONLESS: lambda i, prompt: mlxd_turn(sessionless, prompt, None, reply),
+            },
+            openings(client, p),
+            p,
+            log,
+        )
         mlxd_sessions = client.status().sessions
         prefix_cache = sessionless.status().details.get("prefix_cache")
 
     summary = {s: _summary(turns[s], walls[s], n_turns) for s in sides}
-    base = turns["mlxd"]
-    same = {
-        s: {
-            "prompt_tokens": sum(
-                a["prompt_tokens"] == b["prompt_tokens"]
-                for a, b in zip(base, turns[s], strict=True)
-            ),
-            "reply_text": sum(a["text"] == b["text"] for a, b in zip(base, turns[s], strict=True)),
-        }
-        for s in sides[1:]
-    }
+    same = compare(turns)
     wall = {side: summary[side]["wall_s"] for side in sides}
     return {
         "status": status,
@@ -266,9 +323,52 @@ def _pq(p: dict[str, Any]) -> str:
     return f"{p['p50']:.0f} / {p['p95']:.0f}"
 
 
+def tables(res: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Each side's wall time (against the first side's), TTFT and tokens; then TTFT by turn."""
+    sides = res["sides"]
+    lines = [
+        "| server | wall s | wall / " + labels[sides[0]] + " | TTFT p50 / p95 ms, all turns | "
+        "after turn 1 | prompt tokens | prefilled | cached | turns mostly cached |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = res["summary"][sides[0]]["wall_s"]
+    for side in sides:
+        x = res["summary"][side]
+        speedup = "-" if side == sides[0] else f"**{x['wall_s'] / base:.2f}x**"
+        lines.append(
+            f"| {labels[side]} | {x['wall_s']:.1f} | {speedup} | "
+            f"{_pq(x['ttft_ms'])} | {_pq(x['ttft_ms_after_turn1'])} | {x['prompt_tokens']} | "
+            f"{x['prefilled_tokens'] if x['prefilled_tokens'] is not None else 'n/a'} | "
+            f"{x['cached_tokens']} | {x['cache_hits']}/{res['turns_total']} |"
+        )
+    lines += [
+        "",
+        "TTFT p50 / p95 ms by turn (across agents):",
+        "",
+        "| turn | prompt tokens (mean) | " + " | ".join(labels[s] for s in sides) + " |",
+        "|---|---|" + "---|" * len(sides),
+    ]
+    for k in range(res["workload"]["turns"]):
+        at = [t["prompt_tokens"] for t in res["turns"][sides[0]] if t["turn"] == k]
+        lines.append(
+            f"| {k + 1} | {sum(at) / max(1, len(at)):.0f} | "
+            + " | ".join(_pq(res["summary"][s]["ttft_ms_by_turn"][k]) for s in sides)
+            + " |"
+        )
+    return lines
+
+
+def agreement(res: dict[str, Any]) -> str:
+    """Per side after the first: the turns whose prompt token count and reply agree with it."""
+    return "; ".join(
+        f"{s}: prompt token counts equal on {v['prompt_tokens']}/{res['turns_total']} turns, "
+        f"same reply text on {v['reply_text']}/{res['turns_total']}"
+        for s, v in res["same"].items()
+    )
+
+
 def section(res: dict[str, Any]) -> list[str]:
     w = res["workload"]
-    sides = res["sides"]
     size = res["default_cache_size"]
     last = w["first"] + (w["turns"] - 1) * (w["user"] + w["reply"])
     lines = [
@@ -286,47 +386,15 @@ def section(res: dict[str, Any]) -> list[str]:
         f"default ({size} entries). The servers alternate by round (turn k of every agent on one, "
         "then on the others), one computing at a time. TTFT is the client's, send to first text.",
         "",
-        "| server | wall s | wall / mlxd's (sessions) | TTFT p50 / p95 ms, all turns | after turn 1 | prompt tokens | "
-        "prefilled | cached | turns mostly cached |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    d_wall = res["summary"]["mlxd"]["wall_s"]
-    for side in sides:
-        x = res["summary"][side]
-        label = {
-            "mlxd": "mlxd, sessions",
-            "mlx_lm.server": f"mlx_lm.server, {w['cache_size']} entries",
-            DEFAULT_SIDE: f"mlx_lm.server, {size} entries (default)",
-            SESSIONLESS: "mlxd, no session (prefix cache)",
-        }[side]
-        speedup = "-" if side == "mlxd" else f"**{x['wall_s'] / d_wall:.2f}x**"
-        lines.append(
-            f"| {label} | {x['wall_s']:.1f} | {speedup} | "
-            f"{_pq(x['ttft_ms'])} | {_pq(x['ttft_ms_after_turn1'])} | {x['prompt_tokens']} | "
-            f"{x['prefilled_tokens'] if x['prefilled_tokens'] is not None else 'n/a'} | "
-            f"{x['cached_tokens']} | {x['cache_hits']}/{res['turns_total']} |"
-        )
-    lines += [
-        "",
-        "TTFT p50 / p95 ms by turn (across agents):",
-        "",
-        "| turn | prompt tokens (mean) | " + " | ".join(sides) + " |",
-        "|---|---|" + "---|" * len(sides),
-    ]
-    for k in range(w["turns"]):
-        mean_prompt = sum(t["prompt_tokens"] for t in res["turns"]["mlxd"] if t["turn"] == k) / max(
-            1, w["agents"]
-        )
-        lines.append(
-            f"| {k + 1} | {mean_prompt:.0f} | "
-            + " | ".join(_pq(res["summary"][s]["ttft_ms_by_turn"][k]) for s in sides)
-            + " |"
-        )
-    same = "; ".join(
-        f"{s}: prompt token counts equal on {v['prompt_tokens']}/{res['turns_total']} turns, "
-        f"same reply text on {v['reply_text']}/{res['turns_total']}"
-        for s, v in res["same"].items()
-    )
+    labels = {
+        "mlxd": "mlxd, sessions",
+        "mlx_lm.server": f"mlx_lm.server, {w['cache_size']} entries",
+        DEFAULT_SIDE: f"mlx_lm.server, {size} entries (default)",
+        SESSIONLESS: "mlxd, no session (prefix cache)",
+    }
+    lines += tables(res, labels)
+    same = agreement(res)
     lines += [
         "",
         f"Prefilled = prompt_tokens - cached_tokens as each server's usage reports them "
@@ -338,6 +406,16 @@ def section(res: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def wall_bars(ax: Any, res: dict[str, Any]) -> None:
+    """Each side's wall time for all turns, a bar each."""
+    sides = res["sides"]
+    walls = [res["summary"][s]["wall_s"] for s in sides]
+    bars = ax.bar(range(len(sides)), walls, color=[f"C{i}" for i in range(len(sides))])
+    ax.bar_label(bars, labels=[f"{x:.0f} s" for x in walls], fontsize=8)
+    ax.set_xticks(range(len(sides)), [s.replace(", ", "\n") for s in sides], fontsize=8)
+    ax.set_ylabel("wall time, all turns (s)")
 
 
 def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
@@ -359,11 +437,7 @@ def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
         f"{w['agents']} agents, interleaved; mlx_lm.server cache {w['cache_size']} entries"
     )
     ax.legend(fontsize=7)
-    walls = [res["summary"][s]["wall_s"] for s in sides]
-    bars = ax2.bar(range(len(sides)), walls, color=[f"C{i}" for i in range(len(sides))])
-    ax2.bar_label(bars, labels=[f"{x:.0f} s" for x in walls], fontsize=8)
-    ax2.set_xticks(range(len(sides)), [s.replace(", ", "\n") for s in sides], fontsize=8)
-    ax2.set_ylabel("wall time, all turns (s)")
+    wall_bars(ax2, res)
     ax2.set_title(f"end to end: mlxd {res['speedup']:.2f}x faster")
     fig.tight_layout()
     fig.savefig(out / "agents.png", dpi=110)

@@ -84,6 +84,10 @@ class MlxServer:
     ok and one small completion went through (the model is loaded in the server's
     generation thread, after the socket opens); `stop()` ends the process."""
 
+    name = "mlx_lm.server"
+    health = "/health"  # the path that answers 200 once the server listens
+    stdout: int = subprocess.DEVNULL  # where the process's stdout goes (stderr is read)
+
     def __init__(self, model: str, *args: str) -> None:
         self.model, self.args = model, list(args)
         self.port = 0
@@ -91,38 +95,43 @@ class MlxServer:
         self.lines: list[str] = []
         self.start_s = 0.0
 
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-c", LAUNCHER, self.model, "--host", "127.0.0.1",
+            "--port", str(self.port), "--log-level", "WARNING", *self.args,
+        ]  # fmt: skip
+
     def start(self, timeout: float = 600.0) -> MlxServer:
         self.port = _free_port()
         env = dict(os.environ, MLXD_CACHE_DIR=str(MODEL_CACHE), PYTHONPATH=str(ROOT))
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = [
-            sys.executable, "-c", LAUNCHER, self.model, "--host", "127.0.0.1",
-            "--port", str(self.port), "--log-level", "WARNING", *self.args,
-        ]  # fmt: skip
+        cmd = self.command()
         self.lines = []
         t0 = time.perf_counter()
         self.proc = proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cmd, stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=subprocess.PIPE,
             env=env, cwd=ROOT,
         )  # fmt: skip
 
         def read() -> None:
             assert proc.stderr is not None
             for raw in proc.stderr:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.on_line(line)
+                self.lines.append(line)
                 del self.lines[:-200]
 
         threading.Thread(target=read, daemon=True).start()
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("mlx_lm.server did not start:\n" + "\n".join(self.lines[-30:]))
+                raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.lines[-30:]))
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError("mlx_lm.server did not answer /health in time")
+                raise RuntimeError(f"{self.name} did not answer {self.health} in time")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/health")
+                conn.request("GET", self.health)
                 ok = conn.getresponse().status == 200
                 conn.close()
                 if ok:
@@ -133,6 +142,9 @@ class MlxServer:
         complete(self.port, "warm up", max_tokens=2)  # waits for the model to load
         self.start_s = time.perf_counter() - t0
         return self
+
+    def on_line(self, line: str) -> None:
+        """Each line of the server's log as it comes (for a subclass that reads them)."""
 
     @property
     def pid(self) -> int:
@@ -166,10 +178,11 @@ def complete(
     timeout: float = 900.0,
     t0: float | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streaming `/v1/completions` request (greedy, usage included); times measured by
-    the client from `t0` (default: now): `ttft_s` to the first chunk carrying text, `end_s`
-    to `[DONE]`."""
+    """One streaming `/v1/completions` request (greedy, usage included, `extra` fields
+    added to the body); times measured by the client from `t0` (default: now): `ttft_s` to
+    the first chunk carrying text, `end_s` to `[DONE]`."""
     body = json.dumps(
         {
             "prompt": prompt,
@@ -177,6 +190,7 @@ def complete(
             "temperature": 0.0,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **(extra or {}),
         }
     )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -226,15 +240,25 @@ def complete(
 
 
 def _through_server(
-    port: int, n: int, max_tokens: int, texts: list[str], headers: dict[str, str] | None = None
+    port: int,
+    n: int,
+    max_tokens: int,
+    texts: list[str],
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    usage: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """n concurrent streaming HTTP requests; wall = first send to last [DONE]."""
+    """n concurrent streaming HTTP requests; wall = first send to last [DONE]. `usage`
+    fills in a reply's token counts after the timing, for a server whose stream has none."""
 
     def one(i: int, go: Callable[[], None]) -> dict[str, Any]:
         go()
-        return complete(port, texts[i], max_tokens, headers=headers)
+        return complete(port, texts[i], max_tokens, headers=headers, extra=extra)
 
     done = at_once(n, one)
+    if usage is not None:
+        for text, r in zip(texts[:n], done, strict=True):
+            usage(text, r)
     wall = max(r["end"] for r in done) - min(r["sent"] for r in done)
     tokens = sum(int(r["completion_tokens"] or 0) for r in done)
     return {

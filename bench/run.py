@@ -26,6 +26,7 @@ from bench import (
     agents,
     distributed,
     latency,
+    llamacpp,
     memory,
     mlx_server,
     resume,
@@ -48,6 +49,7 @@ SUITES: dict[str, Any] = {
     "activation": activation.run,
     "weights": weights.run,
     "distributed": distributed.run,
+    "llamacpp": llamacpp.run,
 }
 # Suites whose report section, headline rows and plot live in their own module.
 MODULES: dict[str, Any] = {
@@ -59,10 +61,12 @@ MODULES: dict[str, Any] = {
     "activation": activation,
     "weights": weights,
     "distributed": distributed,
+    "llamacpp": llamacpp,
 }
 
 # latency is slow (minutes even with --quick) and has no targets: run it by name; soak
-# runs for --soak MINUTES, or by name (1 min with --quick, else 5).
+# runs for --soak MINUTES, or by name (1 min with --quick, else 5); llamacpp needs the
+# `anchor` extra (llama-cpp-python, compiled on install).
 DEFAULT_SUITES = ("throughput", "mlx_server", "resume", "agents", "shared_prompt", "memory")
 
 # Targets are reported against, never asserted.
@@ -478,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in names if s not in SUITES]
     if unknown or not names:
         parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+    if "llamacpp" in names and not llamacpp.available():
+        parser.error(f"the llamacpp suite needs llama-cpp-python: {llamacpp.INSTALL}")
     started = dt.datetime.now()
     out = args.out or Path(__file__).resolve().parent / "results" / f"{started:%Y-%m-%d-%H%M}"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The benchmark report's target rows: median ratio and spread of the pairs, cold and repeat
-labelled apart, the hot-turn floor and the soak's verdict (no daemon: made-up results)."""
+labelled apart, the hot-turn floor, the soak's verdict and the llama.cpp anchor's rows and
+log reading (no daemon, no llama.cpp: made-up results)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import mlx_server, run, soak
+from bench import agents, llamacpp, mlx_server, run, soak
 from bench.common import pairs
 
 
@@ -84,3 +87,90 @@ def test_soak_verdict_needs_flat_fds_no_errors_and_no_stalls() -> None:
     assert soak.headline(_soak(fds_at_rest={"before": 12, "after": 13}))[0].endswith("| **no** |")
     assert soak.headline(_soak(counts={"errors": 2}))[0].endswith("| **no** |")
     assert soak.headline(_soak(stalls=1))[0].endswith("| **no** |")
+
+
+def test_agents_converse_interleaves_and_grows_every_side_with_the_first_sides_replies() -> None:
+    calls: list[tuple[str, int, str]] = []
+
+    def side(name: str) -> agents.Turn:
+        def turn(i: int, prompt: str) -> dict[str, Any]:
+            calls.append((name, i, prompt))
+            return {"text": f"<{name}{i}:{len(prompt)}>", "prompt_tokens": len(prompt)}
+
+        return turn
+
+    p = {"agents": 2, "turns": 2, "user": 20}
+    turns, walls = agents.converse(
+        {"a": side("a"), "b": side("b")}, ["P0", "P1"], p, lambda msg: None
+    )
+    assert [c[:2] for c in calls] == [("a", 0), ("a", 1), ("b", 0), ("b", 1),
+                                      ("b", 0), ("b", 1), ("a", 0), ("a", 1)]  # fmt: skip
+    second = {(name, i): prompt for name, i, prompt in calls[4:]}
+    assert second[("b", 0)] == second[("a", 0)] == "P0<a0:2>" + agents.user_message(0, 2, 20)
+    assert len(walls["a"]) == len(walls["b"]) == 2 and len(turns["b"]) == 4
+    same = agents.compare(turns)
+    assert same == {"b": {"prompt_tokens": 4, "reply_text": 0}}
+
+
+def test_llama_server_reads_prefix_hits_and_fills_in_the_usage_its_stream_lacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = llamacpp.LlamaServer(Path("model.gguf"), 8192, "--cache", "true")
+    server.port = 8000
+    cmd = server.command()
+    assert cmd[cmd.index("--n_ctx") + 1] == "8192" and cmd[-2:] == ["--cache", "true"]
+    assert cmd[cmd.index("--interrupt_requests") + 1] == "false"
+    server.on_line("Llama.generate: 1234 prefix-match hit, remaining 56 prompt tokens to eval")
+    server.on_line('INFO:     127.0.0.1:40000 - "POST /v1/completions HTTP/1.1" 200 OK')
+    assert server.hits == [1234] and server.counted == 0
+    server.on_line('INFO:     127.0.0.1:40002 - "POST /extras/tokenize/count HTTP/1.1" 200 OK')
+    assert server.counted == 1
+    counts = {"": 1, "the prompt": 1290, "a reply": 4}  # BOS counted once on each
+    monkeypatch.setattr(server, "count", counts.__getitem__)
+    got = {"text": "a reply", "finish_reason": "stop", "prompt_tokens": None}
+    server.usage(16)("the prompt", got)
+    assert (got["prompt_tokens"], got["cached_tokens"], got["completion_tokens"]) == (1290, 1234, 4)
+    assert server.hits == []
+    full = {"text": "x", "finish_reason": "length", "prompt_tokens": None}
+    server.usage(16)("the prompt", full)
+    assert (full["cached_tokens"], full["completion_tokens"]) == (0, 16)
+
+
+def _llamacpp_result(wall: dict[str, float]) -> dict[str, Any]:
+    sides = [llamacpp.SESSIONS, llamacpp.SESSIONLESS, llamacpp.DEFAULTS, llamacpp.CACHED]
+    pq = {"p50": 100.0, "p95": 200.0}
+    summary = {
+        s: {"wall_s": wall[s], "ttft_ms": pq, "ttft_ms_after_turn1": pq, "ttft_ms_by_turn": [pq],
+            "prompt_tokens": 2100, "prefilled_tokens": 2100, "cached_tokens": 0, "cache_hits": 0}
+        for s in sides
+    }  # fmt: skip
+    side = {"tps": 50.0, "ratio": 0.8, "ratios": [0.7, 0.8, 0.9], "ttft_ms_p50": 30.0,
+            "same_text": "3/3", "stopped_early": 0}  # fmt: skip
+    row = {"clients": 1, "mlxd_tps": 40.0, "mlxd_ttft_ms_p50": 90.0, "mlxd_stopped_early": 0,
+           llamacpp.DEFAULTS: side, llamacpp.CACHED: side}  # fmt: skip
+    return {
+        "workload": {"agents": 1, "turns": 1, "first_tokens": 2048, "max_tokens": 128,
+                     "rounds": 3, "reply": 32, "user": 600},
+        "llama_cpp_python": "0.3.36", "gguf": "m.gguf", "n_ctx": 8192, "mlxd_dtype": "float32",
+        "throughput": [row], "sides": sides, "summary": summary,
+        "speedup": {f"{m} vs {s}": wall[s] / wall[m] for m in sides[:2] for s in sides[2:]},
+        "same": {s: {"prompt_tokens": 1, "reply_text": 1} for s in sides[1:]},
+        "turns_total": 1, "mlxd_sessions": {"hot": 1, "disk": 0},
+        "turns": {llamacpp.SESSIONS: [{"turn": 0, "prompt_tokens": 2100}]},
+    }  # fmt: skip
+
+
+def test_llamacpp_rows_judge_agents_against_its_defaults_only() -> None:
+    wall = {llamacpp.SESSIONS: 100.0, llamacpp.SESSIONLESS: 125.0, llamacpp.DEFAULTS: 120.0,
+            llamacpp.CACHED: 60.0}  # fmt: skip
+    res = _llamacpp_result(wall)
+    rows = llamacpp.headline(res)
+    target = [r for r in rows if "≥ 1.0x llama.cpp, defaults" in r]
+    assert len(target) == 2 and all("2100+ tokens" in r for r in target)
+    assert target[0].startswith("| agents: mlxd, sessions") and target[0].endswith("| yes |")
+    assert "0.96x (125 vs 120 s)" in target[1] and target[1].endswith("| **no** |")
+    assert sum(r.endswith("| no target |") for r in rows) == 3  # vs --cache true x2, throughput
+    assert any("0.80x (pairs 0.70-0.90, n=3)" in r for r in rows)
+    text = "\n".join(llamacpp.section(res))
+    assert "--n_ctx 8192" in text and "**0.80x** (0.70, 0.80, 0.90)" in text
+    assert "| llama.cpp, --cache true | 60.0 | **0.60x** |" in text
