@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
         drain_timeout_s=args.drain_timeout,
         max_queue=args.max_queue,
         kv_bits=args.kv_bits,
-        prefix_cache=args.prefix_cache == "on" and not args.distributed,  # not across ranks yet
+        prefix_cache=args.prefix_cache == "on",
         distributed=args.distributed,
         rank_timeout_s=args.rank_timeout,
         prefill_step_size=args.prefill_chunk,

@@ -53,7 +53,9 @@ def _nbytes(cache: Sequence[Any]) -> int:
     return len(cache[0].tokens) * PER_TOKEN
 
 
-def _snapshot(cache: Sequence[Any], tokens: Sequence[int], kv_bits: int) -> cachefile.Snapshot:
+def _snapshot(
+    cache: Sequence[Any], tokens: Sequence[int], kv_bits: int, name: str
+) -> cachefile.Snapshot:
     n = len(tokens)
     arrays = {
         "layers.0.keys": np.zeros((1, 1, n, HEAD_DIM), np.float32),
@@ -65,7 +67,7 @@ def _snapshot(cache: Sequence[Any], tokens: Sequence[int], kv_bits: int) -> cach
 FAKE = CacheOps(
     nbytes=_nbytes,
     snapshot=_snapshot,
-    restore=lambda snap: [FakeLayer(tuple(snap.tokens))],
+    restore=lambda snap, name: [FakeLayer(tuple(snap.tokens))],
     prefix=lambda cache, n: [FakeLayer(cache[0].tokens[:n])],
     quantized=lambda cache: False,
     full=lambda cache: list(cache),

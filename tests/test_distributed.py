@@ -36,12 +36,42 @@ PROMPTS = [
 ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
-def group(folder: Path, cache: Path, *args: str, ranks: int = 2) -> DaemonProcess:
+# Two conversations (nothing like PROMPTS: no prefix of theirs is cached by another entry).
+TURNS = {
+    "s1": "A session about the sea, the tides and the ships that sail on it:",
+    "s2": "Another session, this one on mountains and the people who climb them:",
+}
+FOLLOW_UP = " And then, the next day,"
+
+
+def group(folder: Path, cache: Path, *args: str, ranks: int = 2, **kw: Any) -> DaemonProcess:
     """`mlx.launch -n RANKS --backend ring -- mlxd serve --distributed ...` (not yet started)."""
     launch = launch_command(ranks, "--verbose")
     return DaemonProcess(
-        folder, cache, "--distributed", *args, model="builtin:small", launcher=launch
+        folder, cache, "--distributed", *args, model="builtin:small", launcher=launch, **kw
     )
+
+
+def one_process(folder: Path, cache: Path, state: Path) -> DaemonProcess:
+    """builtin:small in one process, no prefix cache: a request without a session runs cold."""
+    return DaemonProcess(
+        folder, cache, "--prefix-cache", "off", model="builtin:small", env=ENV, state_dir=state
+    )
+
+
+def sigterm_rank0(proc: DaemonProcess, pids: list[int]) -> dict[int, str]:
+    """Stop the group as a service manager does (SIGTERM to rank 0); how each rank ended."""
+    os.kill(pids[0], signal.SIGTERM)
+    proc.wait(60)
+    return rank_exits(proc)
+
+
+def session_files(state: Path, session: str) -> dict[str, Path]:
+    """Every file of `session` under `state`, by the shard it says it holds."""
+    from mlxd.daemon.kv.cachefile import read_metadata
+
+    files = (state / "sessions").glob(f"*/{session}.safetensors")
+    return {read_metadata(f).get("shard", ""): f for f in files}
 
 
 def reap(proc: DaemonProcess, pids: list[int]) -> None:
@@ -116,34 +146,58 @@ def folders(model_cache: Path) -> Iterator[tuple[Path, Path]]:
     shutil.rmtree(b, ignore_errors=True)
 
 
-def test_two_ranks_match_one_process_then_sigterm_drains_both(
-    model_cache: Path, folders: tuple[Path, Path]
-) -> None:
-    one = DaemonProcess(folders[0], model_cache, model="builtin:small", env=ENV).start()
+def cold_runs(
+    folder: Path, cache: Path, state: Path, prompts: list[str]
+) -> tuple[list[list[int]], dict[str, Any], dict[str, list[int]], Path]:
+    """One process: `prompts` greedy, each session's first turn and its second run cold;
+    and the folder its session files go to."""
+    one = one_process(folder, cache, state).start()
     try:
-        expected = greedy(one.socket, PROMPTS)
+        expected = greedy(one.socket, prompts) if prompts else []
+        with Client(one.socket) as c:
+            firsts = {s: c.generate(p, max_tokens=12) for s, p in TURNS.items()}
+            cold = {
+                s: list(c.generate(second(s, r), max_tokens=12).tokens) for s, r in firsts.items()
+            }
+        single = state / "sessions" / str(one.events("model loaded")[0]["fingerprint"])
     finally:
         assert one.stop() == 0
-    proc = group(folders[1], model_cache, "--drain-timeout", "1").start(timeout=180)
+    return expected, firsts, cold, single
+
+
+def second(session: str, first: Any) -> str:
+    """The prompt of a session's second turn: the conversation so far and more."""
+    return TURNS[session] + first.text + FOLLOW_UP
+
+
+def first_turns(sock: Path, firsts: dict[str, Any]) -> list[int]:
+    """Each session's first turn through the group (== one process's); the ranks' pids."""
+    with Client(sock) as c:
+        for s, p in TURNS.items():
+            assert c.generate(p, session=s, max_tokens=12).tokens == firsts[s].tokens
+        return list(c.status().details["distributed"]["pids"])
+
+
+def test_two_ranks_match_one_process_then_sigterm_saves_sessions_on_both(
+    model_cache: Path, folders: tuple[Path, Path]
+) -> None:
+    state = folders[0] / "state"
+    expected, firsts, cold, single = cold_runs(folders[0], model_cache, state, PROMPTS)
+    proc = group(folders[1], model_cache, "--drain-timeout", "1", state_dir=state)
+    proc.start(timeout=180)
     pids: list[int] = []
     try:
         assert greedy(proc.socket, PROMPTS) == expected  # 8 concurrent, token for token
+        pids = first_turns(proc.socket, firsts)
         with Client(proc.socket) as c:
             status = c.status()
             dist = status.details["distributed"]
             assert dist["world_size"] == 2 and dist["rank"] == 0 and dist["lost"] is None
             assert dist["plans_sent"] > 0 and dist["plan_bytes_sent"] > 0
-            # A session would need every rank's shard of its cache: refused, not half-kept.
-            with pytest.raises(RpcError) as refused:
-                c.generate("Hi", session="s1", max_tokens=2)
-            assert refused.value.code == ErrorCode.INVALID_PARAMS
-            assert "--distributed" in refused.value.message
-        pids = dist["pids"]
-        rank0 = pids[0]
         started = threading.Barrier(5)
         results, threads = streams_in_flight(proc.socket, 4, started)
         wait_started(started, results)
-        os.kill(rank0, signal.SIGTERM)
+        os.kill(pids[0], signal.SIGTERM)
         for t in threads:
             t.join(60)
         assert proc.wait(60) is not None
@@ -157,6 +211,62 @@ def test_two_ranks_match_one_process_then_sigterm_drains_both(
             assert r.code == ErrorCode.REQUEST_CANCELLED, r
             assert r.data["usage"]["completion_tokens"] >= 1, r.data
     assert rank_exits(proc) == {0: "completed", 1: "completed"}, proc.lines[-20:]
+    # The drain saved each session on both ranks: one file per rank, in its own folder.
+    for s in TURNS:
+        assert set(session_files(state, s)) == {"tensor 0/2", "tensor 1/2"}, s
+
+    # A 2-rank file offered to one process is refused (quarantined with its reason) at start-up.
+    single.mkdir(parents=True, exist_ok=True)
+    shutil.copy(session_files(state, "s1")["tensor 0/2"], single / "s1.safetensors")
+    one = one_process(folders[0], model_cache, state).start()
+    try:
+        with Client(one.socket) as c:
+            assert "s1" not in [x.id for x in c.sessions_list()]
+            fresh = c.generate(second("s1", firsts["s1"]), session="s1", max_tokens=12)
+    finally:
+        assert one.stop() == 0
+    assert list(fresh.tokens) == cold["s1"] and fresh.usage.cached_tokens == 0
+    (note,) = (state / "quarantine").glob("s1.safetensors.*.reason")
+    assert (
+        "written by rank 0 of a 2-rank tensor-parallel group, read by a single-process daemon"
+        in note.read_text()
+    )
+
+
+@pytest.mark.stress  # ~80 s: one process and two groups
+def test_sessions_saved_by_two_ranks_resume_after_the_group_restarts(
+    model_cache: Path, folders: tuple[Path, Path]
+) -> None:
+    state = folders[0] / "state"
+    _, firsts, cold, _ = cold_runs(folders[0], model_cache, state, [])
+    proc = group(folders[1], model_cache, state_dir=state).start(timeout=180)
+    pids: list[int] = []
+    try:
+        pids = first_turns(proc.socket, firsts)
+        ends = sigterm_rank0(proc, pids)  # the drain persists them on every rank
+    finally:
+        reap(proc, pids)
+    assert ends == {0: "completed", 1: "completed"}, proc.lines[-20:]
+    session_files(state, "s2")["tensor 1/2"].unlink()  # rank 1's part of s2 is lost
+
+    proc = group(folders[1], model_cache, state_dir=state).start(timeout=180)
+    pids = []
+    try:
+        with Client(proc.socket) as c:
+            pids = c.status().details["distributed"]["pids"]
+            resumed = c.generate(second("s1", firsts["s1"]), session="s1", max_tokens=12)
+            restarted = c.generate(second("s2", firsts["s2"]), session="s2", max_tokens=12)
+        ends = sigterm_rank0(proc, pids)
+    finally:
+        reap(proc, pids)
+    assert list(resumed.tokens) == cold["s1"] and resumed.usage.cached_tokens > 0
+    # Half a session is no session: s2 starts cold, and the log says why.
+    assert list(restarted.tokens) == cold["s2"] and restarted.usage.cached_tokens == 0
+    assert any(
+        "quarantined a bad session cache" in x and "rank 1 could not load its part" in x
+        for x in proc.lines
+    ), proc.lines[-20:]
+    assert ends == {0: "completed", 1: "completed"}, proc.lines[-20:]
 
 
 @pytest.mark.stress  # ~35 s: a group of its own

@@ -364,6 +364,31 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(
     assert P.read_snapshot(path, fingerprint=FP, **LAYOUT).tokens == list(range(N))
 
 
+def test_a_shard_file_is_read_only_by_the_same_rank_of_a_group_of_that_size(
+    tiny: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "s1.safetensors"
+    snap = KV.snapshot(prefill(tiny, PROMPT), PROMPT)
+    P.write_snapshot(path, snap, fingerprint=FP, session="s1", shard="tensor 0/2")
+    assert P.read_metadata(path)["shard"] == "tensor 0/2"
+    read = P.read_snapshot(path, fingerprint=FP, shard="tensor 0/2", **layout(tiny))
+    assert read.tokens == PROMPT
+    for shard, reader in [
+        ("", "a single-process daemon"),
+        ("tensor 1/2", "rank 1 of a 2-rank tensor-parallel group"),
+        ("tensor 0/4", "rank 0 of a 4-rank tensor-parallel group"),
+    ]:
+        with pytest.raises(CacheFileError) as refused:
+            P.read_snapshot(path, fingerprint=FP, shard=shard, **layout(tiny))
+        assert refused.value.reason.startswith(
+            f"written by rank 0 of a 2-rank tensor-parallel group, read by {reader}"
+        )
+    # A single process's file (no shard) is refused by a rank just as clearly.
+    P.write_snapshot(path, snap, fingerprint=FP, session="s1")
+    with pytest.raises(CacheFileError, match="written by a single-process daemon, read by rank 1"):
+        P.read_snapshot(path, fingerprint=FP, shard="tensor 1/2", **layout(tiny))
+
+
 def test_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:

@@ -29,11 +29,12 @@ from ..metrics import LatencyWindow
 from .sampling import make_sampler
 from .textstream import TextAssembler
 
-__all__ = ["Engine", "Job", "Outcome", "Update"]
+__all__ = ["PREFILL_BATCH", "Engine", "Job", "Outcome", "Update"]
 
 log = logging.getLogger(__name__)
 
 KVCacheList = list[Any]
+PREFILL_BATCH = 8  # prompts prefilled together (every rank's generator must use the same)
 
 
 @dataclass(eq=False)
@@ -123,7 +124,7 @@ class Engine:
         *,
         prefill_step_size: int = 256,
         max_batch: int = 32,
-        prefill_batch: int = 8,
+        prefill_batch: int = PREFILL_BATCH,
     ) -> None:
         self.model: Any = None
         self.tokenizer: Any = None

@@ -3,9 +3,11 @@
 Every rank holds a tensor-parallel shard of the model, so every rank must run the same
 BatchGenerator calls in the same order: the model's own all_sums pair up only then. Rank 0
 records what its engine does to its generator (inserts with their prompt tokens, sampling
-parameters and seed; removals; resets) and, before each `next()`, sends the ops recorded
-since the last one: a header (plan length, checksum of the last step's tokens, step flag)
-and then the plan's msgpack bytes, both as all_sum broadcasts (the other ranks add zeros).
+parameters, seed and prefix cache; removals; resets) and to its KV caches (kv/sharded.py)
+and, before each `next()`, sends the ops recorded since the last one: a header (plan
+length, checksum of the last step's tokens, flags) and then the plan's msgpack bytes, both
+as all_sum broadcasts (the other ranks add zeros). A plan flagged for an answer is
+followed by one more all_sum to which every other rank adds its answer (did its file load).
 
 Sampled tokens agree because every rank computes the same logits (the head is not
 sharded, and the row-parallel layers end in an all_sum that leaves every rank the same
@@ -36,7 +38,8 @@ import msgspec
 import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 
-from .engine import Engine, Job, Outcome, Update
+from ..kv.sharded import CacheOp, Keep, Twins, mirror
+from .engine import Engine, Job, KVCacheList, Outcome, Update
 from .sampling import make_sampler
 
 __all__ = ["Channel", "GroupLost", "LockstepEngine", "follow"]
@@ -44,6 +47,7 @@ __all__ = ["Channel", "GroupLost", "LockstepEngine", "follow"]
 log = logging.getLogger(__name__)
 
 _HEARTBEAT_S = 1.0  # an idle rank 0 still talks to the group, so a lost rank is noticed
+_STEP, _ANSWER = 1, 2  # a plan's flags
 
 
 class GroupLost(RuntimeError):
@@ -52,7 +56,8 @@ class GroupLost(RuntimeError):
 
 class Insert(msgspec.Struct, tag="i", array_like=True):
     uid: int
-    tokens: list[int]
+    tokens: list[int]  # those to prefill: after the prefix cache's
+    cache: int  # the prefix cache's handle (kv/sharded.py); 0: none
     max_tokens: int
     temperature: float
     top_p: float
@@ -63,6 +68,7 @@ class Insert(msgspec.Struct, tag="i", array_like=True):
 
 class Remove(msgspec.Struct, tag="r", array_like=True):
     uids: list[int]
+    keep: bool  # their caches are kept (a `Keep` op follows)
 
 
 class Reset(msgspec.Struct, tag="z", array_like=True):
@@ -73,7 +79,7 @@ class Exit(msgspec.Struct, tag="x", array_like=True):
     pass
 
 
-Op = Insert | Remove | Reset | Exit
+Op = Insert | Remove | Reset | Exit | CacheOp
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Op]).decode
 
@@ -93,7 +99,9 @@ class Channel:
         self.group = group
         self.rank = group.rank()
         self.size = group.size()
-        self.ops: list[Op] = []  # rank 0: recorded since the last send
+        # Rank 0: recorded since the last send, from the engine thread, the event loop (a
+        # prefix view) and any thread a cache is garbage-collected on (reentrant-safe).
+        self._ops: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self.sent_bytes = 0  # rank 0: plan bytes put on the wire, headers included
         self.sends = 0
         self.send_s = 0.0  # rank 0: time spent scheduling plans (they are not waited for)
@@ -104,15 +112,26 @@ class Channel:
         with mx.stream(generation_stream):
             return mx.distributed.all_sum(x, group=self.group)
 
-    def send(self, check: int, step: bool, wait: bool = False) -> None:
-        """Rank 0: the ops recorded so far, then forget them. `wait` makes a lost peer raise here."""
+    def record(self, op: Op) -> None:
+        """Rank 0: `op` goes out with the next plan (any thread)."""
+        self._ops.put(op)
+
+    def send(self, check: int, step: bool, wait: bool = False, answer: bool = False) -> None:
+        """Rank 0: the ops recorded so far, then forget them. `wait` makes a lost peer raise
+        here; `answer`: every other rank answers it (`collect` reads the sum)."""
         t0 = time.perf_counter()
-        data = _encode(self.ops) if self.ops else b""
-        self.ops = []
+        ops = []
+        while True:
+            try:
+                ops.append(self._ops.get_nowait())
+            except queue.Empty:
+                break
+        data = _encode(ops) if ops else b""
         run = mx.eval if wait else mx.async_eval
+        flags = (_STEP if step else 0) | (_ANSWER if answer else 0)
         # One evaluation each, in order: evaluated together, MLX may run the data's all_sum
         # first, and another rank would read its first bytes as the header.
-        arrays = [self._all_sum(mx.array([len(data), check, int(step)], mx.int32))]
+        arrays = [self._all_sum(mx.array([len(data), check, flags], mx.int32))]
         run(arrays[0])
         if data:
             arrays.append(self._all_sum(mx.array(np.frombuffer(data, np.uint8))))
@@ -122,16 +141,22 @@ class Channel:
         self.sends += 1
         self.send_s += time.perf_counter() - t0
 
-    def receive(self) -> tuple[list[Op], int, bool]:
-        """Any other rank: the next plan, rank 0's last checksum and whether to step."""
+    def receive(self) -> tuple[list[Op], int, int]:
+        """Any other rank: the next plan, rank 0's last checksum and the plan's flags."""
         header = self._all_sum(mx.zeros((3,), mx.int32))
-        n, check, step = (int(v) for v in np.array(header))
+        n, check, flags = (int(v) for v in np.array(header))
         ops: list[Op] = []
         if n:
             data = self._all_sum(mx.zeros((n,), mx.uint8))
             ops = _decode(np.array(data).tobytes())
         self.received_at = time.monotonic()
-        return ops, check, bool(step)
+        return ops, check, flags
+
+    def collect(self, mine: int = 0) -> int:
+        """The sum of every rank's answer to a plan sent with `answer` (each adds `mine`)."""
+        total = self._all_sum(mx.array([mine], mx.int32))
+        mx.eval(total)
+        return int(np.array(total)[0])
 
 
 class _LeaderGenerator:
@@ -142,15 +167,20 @@ class _LeaderGenerator:
         self._engine = engine
 
     def insert(self, prompts: list[list[int]], **kw: Any) -> list[int]:
-        if kw.get("caches") is not None:
-            raise ValueError("a prefix cache cannot be attached under --distributed")
         job = self._engine.inserting
         assert job is not None  # only the engine's _insert calls this
+        caches = kw.get("caches")
+        handle = 0
+        if caches is not None:
+            handle = getattr(caches[0], "handle", 0)
+            if not handle:
+                raise ValueError("this prefix cache has no twin on the other ranks")
         uids = self._gen.insert(prompts, **kw)
-        self._engine.channel.ops.append(
+        self._engine.channel.record(
             Insert(
                 uids[0],
                 list(prompts[0]),
+                handle,
                 job.max_tokens,
                 job.temperature,
                 job.top_p,
@@ -162,7 +192,7 @@ class _LeaderGenerator:
         return uids
 
     def remove(self, uids: list[int], return_prompt_caches: bool = False) -> Any:
-        self._engine.channel.ops.append(Remove(list(uids)))
+        self._engine.channel.record(Remove(list(uids), return_prompt_caches))
         return self._gen.remove(uids, return_prompt_caches=return_prompt_caches)
 
     def next(self) -> Any:
@@ -179,7 +209,7 @@ class _LeaderGenerator:
         return result
 
     def close(self) -> None:
-        self._engine.channel.ops.append(Reset())
+        self._engine.channel.record(Reset())
         self._gen.close()
 
 
@@ -305,6 +335,23 @@ class LockstepEngine(Engine):
         except Exception as exc:
             self.lose(exc)
 
+    def ask(self) -> int:
+        """Send the plan so far now and return the sum of the other ranks' answers (engine thread)."""
+        try:
+            with self.talking():
+                self.channel.send(self.last_check, step=False, wait=True, answer=True)
+                answer = self.channel.collect()
+        except Exception as exc:
+            raise self.lose(exc) from exc
+        self.last_step = time.monotonic()
+        return answer
+
+    def _materialise(self, cache: KVCacheList, job: Job) -> KVCacheList:  # type: ignore[override]
+        """The kept cache, and its twin on every rank: theirs are the same sequence's."""
+        out = mirror(Engine._materialise(cache, job), self.channel.record)
+        self.channel.record(Keep(self._by_job[id(job)].uid, out.handle, job.kv_bits))
+        return out
+
     def lose(self, exc: BaseException) -> GroupLost:
         """Record that the group is gone (engine thread); the first time, tell the daemon."""
         self._set_lost(
@@ -349,7 +396,7 @@ class LockstepEngine(Engine):
         if self.lost is not None or self.model is None:
             return
         self._close_generator()
-        self.channel.ops.append(Exit())
+        self.channel.record(Exit())
         try:
             with self.talking():
                 self.channel.send(self.last_check, step=False, wait=True)
@@ -371,6 +418,7 @@ def follow(
     channel: Channel,
     model: Any,
     tokenizer: Any,
+    twins: Twins,
     *,
     max_batch: int,
     prefill_batch: int,
@@ -390,12 +438,29 @@ def follow(
             prefill_step_size=prefill_step_size,
         )
 
+    def insert(op: Insert) -> None:
+        sampler = make_sampler(op.temperature, op.top_p, op.top_k, op.min_p, op.seed)
+        try:
+            caches = [twins.get(op.cache)] if op.cache else None
+        except LookupError as exc:
+            raise GroupLost(f"{exc}: it cannot compute what rank 0 does") from None
+        (uid,) = gen.insert(
+            [op.tokens],
+            max_tokens=[op.max_tokens],
+            caches=caches,
+            all_tokens=[[]],
+            samplers=[sampler],  # type: ignore[list-item]
+            stop_sequences=[eos],
+        )
+        if uid != op.uid:
+            raise GroupLost(f"rank {channel.rank} gave uid {uid} where rank 0 gave {op.uid}")
+
     gen = generator()
     mine = 0
     steps = 0
     while True:
         try:
-            ops, check, step = channel.receive()
+            ops, check, flags = channel.receive()
         except Exception as exc:
             raise GroupLost(f"rank 0 is gone ({type(exc).__name__}: {exc})") from exc
         if check != mine:
@@ -405,27 +470,25 @@ def follow(
             )
         for op in ops:
             if isinstance(op, Insert):
-                sampler = make_sampler(op.temperature, op.top_p, op.top_k, op.min_p, op.seed)
-                (uid,) = gen.insert(
-                    [op.tokens],
-                    max_tokens=[op.max_tokens],
-                    all_tokens=[[]],
-                    samplers=[sampler],  # type: ignore[list-item]
-                    stop_sequences=[eos],
-                )
-                if uid != op.uid:
-                    raise GroupLost(
-                        f"rank {channel.rank} gave uid {uid} where rank 0 gave {op.uid}"
-                    )
+                insert(op)
             elif isinstance(op, Remove):
-                gen.remove(op.uids)
+                removed = gen.remove(op.uids, return_prompt_caches=op.keep)
+                twins.finished.update((uid, cache) for uid, (cache, _) in removed.items())
             elif isinstance(op, Reset):
                 gen.close()
                 gen = generator()
-            else:
+            elif isinstance(op, Exit):
                 gen.close()
                 return
-        if step:
+            else:
+                twins.apply(op)
+        twins.finished.clear()  # rank 0 keeps a cache in the plan after it finished, or never
+        if flags & _ANSWER:
+            channel.collect(twins.answer())
+        if flags & _STEP:
             _, responses = gen.next()
             mine = checksum(responses)
             steps += 1
+            twins.finished.update(
+                (r.uid, r.prompt_cache) for r in responses if r.prompt_cache is not None
+            )

@@ -9,7 +9,9 @@ of shape [1, kv_heads, n_tokens, head_dim], or for a quantized snapshot
 them. numpy has no bfloat16, so bfloat16 data is carried as its raw uint16 bits (storage
 dtype U16) and the `dtype` metadata says how to read it back; restoring is bit-exact.
 Every metadata value is a string: format, version, fingerprint, session, tokens (a JSON
-list), n_tokens, dtype, num_layers, kv_bits, group_size and checksum.
+list), n_tokens, dtype, num_layers, kv_bits, group_size and checksum; a file written by one
+rank of a tensor-parallel group also has `shard` ("tensor RANK/SIZE"): it holds that rank's
+heads only, and only the same rank of a group of the same size may read it.
 
 The checksum is sha256 over every other metadata item (so the token list, fingerprint and
 layout are covered) followed by every tensor's name, dtype, shape and bytes in sorted name
@@ -50,6 +52,7 @@ __all__ = [
     "VERSION",
     "CacheFileError",
     "Snapshot",
+    "check_shard",
     "compute_checksum",
     "header_tokens",
     "quarantine",
@@ -149,7 +152,7 @@ def compute_checksum(metadata: Mapping[str, str], arrays: Mapping[str, np.ndarra
     return h.hexdigest()
 
 
-def _metadata(snap: Snapshot, fingerprint: str, session: str) -> dict[str, str]:
+def _metadata(snap: Snapshot, fingerprint: str, session: str, shard: str) -> dict[str, str]:
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -162,6 +165,8 @@ def _metadata(snap: Snapshot, fingerprint: str, session: str) -> dict[str, str]:
         "kv_bits": str(snap.kv_bits),
         "group_size": str(snap.group_size),
     }
+    if shard:
+        meta["shard"] = shard
     meta["checksum"] = compute_checksum(meta, snap.arrays)
     return meta
 
@@ -184,7 +189,13 @@ def remove(path: Path) -> None:
 
 
 def write_snapshot(
-    path: Path, snap: Snapshot, *, fingerprint: str, session: str, max_bytes: int | None = None
+    path: Path,
+    snap: Snapshot,
+    *,
+    fingerprint: str,
+    session: str,
+    max_bytes: int | None = None,
+    shard: str = "",
 ) -> int:
     """Write `snap` to `path` atomically and durably (writer thread); returns bytes written.
 
@@ -193,7 +204,8 @@ def write_snapshot(
     disk budget) is not written: OSError EFBIG.
     """
     path = Path(path)
-    data = safetensors.numpy.save(snap.arrays, metadata=_metadata(snap, fingerprint, session))
+    meta = _metadata(snap, fingerprint, session, shard)
+    data = safetensors.numpy.save(snap.arrays, metadata=meta)
     if max_bytes is not None and len(data) > max_bytes:
         raise OSError(
             errno.EFBIG, f"{len(data)} bytes exceed the disk budget of {max_bytes}", str(path)
@@ -285,6 +297,24 @@ def _check_format(path: Path, meta: Mapping[str, str]) -> None:
         raise CacheFileError(path, f"unsupported version {meta['version']!r}")
 
 
+def _shard_name(shard: str) -> str:
+    if not shard:
+        return "a single-process daemon"
+    rank, _, size = shard.removeprefix("tensor ").partition("/")
+    return f"rank {rank} of a {size}-rank tensor-parallel group"
+
+
+def check_shard(path: Path, meta: Mapping[str, str], shard: str) -> None:
+    """A shard's file holds that rank's heads only: any other reader would read garbage KV."""
+    written = meta.get("shard", "")
+    if written != shard:
+        raise CacheFileError(
+            path,
+            f"written by {_shard_name(written)}, read by {_shard_name(shard)}: a session "
+            "cache is only valid under the world size and sharding it was saved with",
+        )
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The metadata of a cache file, reading only its header (start-up listing).
 
@@ -342,7 +372,14 @@ def _expected(
 
 
 def read_snapshot(
-    path: Path, *, fingerprint: str, num_layers: int, kv_heads: int, head_dim: int, dtype: str
+    path: Path,
+    *,
+    fingerprint: str,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    shard: str = "",
 ) -> Snapshot:
     """Read and fully validate a cache file for this model (writer thread).
 
@@ -354,6 +391,7 @@ def read_snapshot(
         head = _parse_header(f, path)
         meta = head.metadata
         _check_format(path, meta)
+        check_shard(path, meta, shard)
         if meta["fingerprint"] != fingerprint:
             raise CacheFileError(
                 path,

@@ -70,21 +70,26 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 @dataclass(frozen=True)
 class CacheOps:
-    """What the store does to KV caches: MLX's by default, plain objects in the
-    bookkeeping tests. `snapshot`, `restore` and `full` run on the engine thread."""
+    """What the store does to KV caches: MLX's by default, every rank's under --distributed
+    (kv/sharded.py), plain objects in the bookkeeping tests. `snapshot`, `restore` and
+    `full` run on the engine thread. The session name given to `snapshot` (the file it is
+    written as), `restore` (the file it came from) and `forget` (a file removed) lets
+    every rank do the same to its own file of that name."""
 
     nbytes: Callable[[Sequence[Any]], int]
-    snapshot: Callable[[Sequence[Any], Sequence[int], int], cachefile.Snapshot]
-    restore: Callable[[cachefile.Snapshot], list[Any]]
+    snapshot: Callable[[Sequence[Any], Sequence[int], int, str], cachefile.Snapshot]
+    # Raises CacheFileError when the session's file is unusable after all (another rank's).
+    restore: Callable[[cachefile.Snapshot, str], list[Any]]
     prefix: Callable[[Sequence[Any], int], list[Any]]  # a view of the first n tokens
     quantized: Callable[[Sequence[Any]], bool]
     full: Callable[[Sequence[Any]], list[Any]]  # dequantized: the batch wants full precision
+    forget: Callable[[str], None] = lambda name: None
 
 
 MLX_CACHES = CacheOps(
     nbytes=kvsnap.cache_nbytes,
-    snapshot=kvsnap.snapshot,
-    restore=kvsnap.restore,
+    snapshot=lambda cache, tokens, kv_bits, name: kvsnap.snapshot(cache, tokens, kv_bits),
+    restore=lambda snap, name: kvsnap.restore(snap),
     prefix=kvsnap.prefix_view,
     quantized=kvsnap.is_quantized,
     full=kvsnap.dequantize_cache,
@@ -98,6 +103,26 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     dtype: str
+    shard: str = ""  # "tensor RANK/SIZE" under --distributed: its files hold that shard
+
+    @classmethod
+    def of(cls, model: Any, shard: str = "") -> ModelShape:
+        """A LoadedModel's (models/model.py) shape: its shard's, for a shard."""
+        return cls(
+            model.fingerprint, model.num_layers, model.kv_heads, model.head_dim, model.dtype, shard
+        )
+
+    def read(self, path: Path) -> cachefile.Snapshot:
+        """A session file, validated against this shape (writer thread)."""
+        return cachefile.read_snapshot(
+            path,
+            fingerprint=self.fingerprint,
+            num_layers=self.num_layers,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            shard=self.shard,
+        )
 
 
 class SessionState(Enum):
@@ -217,6 +242,7 @@ class SessionStore:
         for path in sorted(self.folder.glob("*" + SUFFIX)):
             try:
                 meta = cachefile.read_metadata(path)
+                cachefile.check_shard(path, meta, self.shape.shard)
                 if meta.get("fingerprint") != self.shape.fingerprint:
                     raise cachefile.CacheFileError(path, "written for another model")
                 session_id = meta["session"]
@@ -242,6 +268,7 @@ class SessionStore:
 
     def _quarantine(self, path: Path, reason: str) -> None:
         self.quarantined += 1
+        self.caches.forget(path.name.removesuffix(SUFFIX))
         try:
             moved = cachefile.quarantine(path, self.quarantine_dir, reason)
             log.warning(
@@ -398,8 +425,10 @@ class SessionStore:
                     self._forget(source)
                 return None, 0
             n = min(n, common_prefix(list(snap.tokens), prompt))  # the file may be newer
-            restore = self.caches.restore
-            cache, tier = await self._on_engine(lambda: restore(snap)), "disk"
+            restored = await self._restore(source, snap)
+            if restored is None:
+                return None, 0
+            cache, tier = restored, "disk"
         n = min(n, len(prompt) - 1)
         if n <= 0:
             return None, 0
@@ -491,35 +520,42 @@ class SessionStore:
     async def _read(self, session: Session) -> cachefile.Snapshot | None:
         """The session's file, validated; None (quarantined, or a disk error noted) if unusable."""
         path = self._path(session.id)
-        shape = self.shape
         try:
-            return await anyio.to_thread.run_sync(
-                lambda: cachefile.read_snapshot(
-                    path,
-                    fingerprint=shape.fingerprint,
-                    num_layers=shape.num_layers,
-                    kv_heads=shape.kv_heads,
-                    head_dim=shape.head_dim,
-                    dtype=shape.dtype,
-                ),
-                limiter=self._writer,
-            )
+            return await anyio.to_thread.run_sync(self.shape.read, path, limiter=self._writer)
         except (cachefile.CacheFileError, OSError) as exc:
             if isinstance(exc, cachefile.CacheFileError) or path.exists():
                 await anyio.to_thread.run_sync(self._quarantine, path, str(exc))
             elif not session.deleted:  # deleted meanwhile: its file went with it
                 self._note_disk_error(f"load {session.id}: {exc}")
-            session.disk_tokens = session.disk_bytes = 0
-            session.disk_token_list = None
-            self._reindex(session)
+            self._lose_file(session)
+            return None
+
+    def _lose_file(self, session: Session) -> None:
+        session.disk_tokens = session.disk_bytes = 0
+        session.disk_token_list = None
+        self._reindex(session)
+
+    async def _restore(self, session: Session, snap: cachefile.Snapshot) -> list[Any] | None:
+        """`snap` as a cache; None (the file quarantined) when another rank's file of the
+        session proves unusable: a session is whole on every rank or not at all."""
+        restore = self.caches.restore
+        try:
+            return await self._on_engine(lambda: restore(snap, session.id))
+        except cachefile.CacheFileError as exc:
+            await anyio.to_thread.run_sync(
+                self._quarantine, self._path(session.id), exc.reason, limiter=self._writer
+            )
+            self._lose_file(session)
             return None
 
     async def _load(self, session: Session) -> None:
         snap = await self._read(session)
         if snap is None:
             return
-        restore = self.caches.restore
-        session.cache = await self._on_engine(lambda: restore(snap))
+        cache = await self._restore(session, snap)
+        if cache is None:
+            return
+        session.cache = cache
         session.tokens = list(snap.tokens)
         session.hot_bytes = snap.nbytes
         session.dirty = False
@@ -568,8 +604,9 @@ class SessionStore:
         cache, tokens = session.cache, list(session.tokens)
         kv_bits = 0 if session.anonymous else self.kv_bits  # anonymous entries stay exact
         snapshot = self.caches.snapshot
-        snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits))
-        size = await self._write(session, session.id, snap)
+        name = session.id
+        snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits, name))
+        size = await self._write(session, name, snap)
         if size is None:
             return False
         if session.cache is cache:
@@ -595,6 +632,7 @@ class SessionStore:
                 fingerprint=self.shape.fingerprint,
                 session=name,
                 max_bytes=self.disk_budget,
+                shard=self.shape.shard,
             )
 
         try:
@@ -636,6 +674,7 @@ class SessionStore:
 
     async def _delete_file(self, session: Session) -> None:
         path = self._path(session.id)
+        self.caches.forget(session.id)
         try:
             await anyio.to_thread.run_sync(cachefile.remove, path, limiter=self._writer)
         except OSError as exc:
@@ -704,12 +743,13 @@ class SessionStore:
             reservation = self.pool.try_reserve(blocks)
         if reservation is None:
             cache, tokens, kv_bits = source.cache, list(source.tokens), self.kv_bits
-            snapshot = self.caches.snapshot
-            snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits))
+            snapshot, name = self.caches.snapshot, forked.id
+            snap = await self._on_engine(lambda: snapshot(cache, tokens, kv_bits, name))
             await self._copy_to_disk(source, forked, snap)
             return
-        # Shares the layers: nothing writes into a session's cache in place.
-        forked.cache = list(source.cache)
+        # The same list: nothing changes a session's cache in place (and under --distributed
+        # the list names the other ranks' copies).
+        forked.cache = source.cache
         forked.tokens = list(source.tokens)
         forked.hot_bytes = source.hot_bytes
         forked.dirty = True

@@ -1,8 +1,9 @@
 """`mlxd serve --distributed`: the group, the model's tensor-parallel shard, and the ranks' roles.
 
 Run under `mlx.launch`: every rank loads its shard (models/sharding.py); rank 0 is
-the daemon (socket, admission, HTTP) and its engine drives the others in lockstep
-(`lockstep.py`); every other rank only replays rank 0's plans.
+the daemon (socket, admission, sessions, HTTP) and its engine drives the others in
+lockstep (`lockstep.py`); every other rank only replays rank 0's plans, its share of every
+session's KV cache included (kv/sharded.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "init_group",
     "make_engine",
     "run_follower",
+    "shard_name",
 ]
 
 log = structlog.get_logger("mlxd.distributed")
@@ -63,7 +65,10 @@ def group() -> Any:
 
 def run_follower(config: Config) -> int:
     """Any rank but 0: load the shard, replay rank 0's plans; 0 once rank 0 says exit."""
+    from ..engine.engine import PREFILL_BATCH
     from ..engine.lockstep import Channel, GroupLost, follow
+    from ..kv.sessions import ModelShape
+    from ..kv.sharded import Twins
     from ..models.model import ModelLoadError, load_model
 
     g = group()
@@ -85,6 +90,8 @@ def run_follower(config: Config) -> int:
         print(f"mlxd: {exc}", file=sys.stderr, flush=True)
         return 1
     log.info("rank ready", rank=g.rank(), size=g.size(), fingerprint=loaded.fingerprint[:16])
+    shape = ModelShape.of(loaded, shard_name(g))
+    twins = Twins(config.state_dir, shape, g.rank(), config.disk_budget_bytes)
     channel = Channel(g)
     _watch_rank0(channel, config.rank_timeout_s)
     try:
@@ -92,8 +99,9 @@ def run_follower(config: Config) -> int:
             channel,
             loaded.model,
             loaded.tokenizer,
+            twins,
             max_batch=config.max_batch,
-            prefill_batch=8,
+            prefill_batch=PREFILL_BATCH,
             prefill_step_size=config.prefill_step_size,
         )
     except GroupLost as exc:
@@ -141,19 +149,14 @@ def make_engine(daemon: Any) -> LockstepEngine:
     )
 
 
-def attach(daemon: Any) -> None:
-    """What rank 0 serves differently: no sessions (each rank would hold its shard of the
-    cache, not built yet), no model swap (every rank would have to load), status says so."""
-    handlers = daemon.server.handlers
-    generate = handlers["generate"]
+def shard_name(g: Any) -> str:
+    """The shard a rank's session files hold (cachefile's `shard`)."""
+    return f"tensor {g.rank()}/{g.size()}"
 
-    async def generate_sessionless(params: rpc.GenerateParams, ctx: Any) -> Any:
-        if params.session:
-            raise rpc.RpcError(
-                rpc.ErrorCode.INVALID_PARAMS,
-                "sessions are not available under --distributed yet; send the request without one",
-            )
-        return await generate(params, ctx)
+
+def attach(daemon: Any) -> None:
+    """What rank 0 serves differently: no model swap (every rank would have to load)."""
+    handlers = daemon.server.handlers
 
     async def refuse_swap(params: Any, ctx: Any) -> Any:
         raise rpc.RpcError(
@@ -161,7 +164,6 @@ def attach(daemon: Any) -> None:
             "models/swap is not available under --distributed: restart the group with --model",
         )
 
-    handlers["generate"] = generate_sessionless
     handlers["models/swap"] = refuse_swap
 
 

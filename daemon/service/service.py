@@ -19,7 +19,8 @@ from ..config import Config
 from ..engine.bridge import LoopBridge
 from ..engine.engine import Engine, Job, Update
 from ..kv.pool import BlockPool
-from ..kv.sessions import ModelShape, SessionStore
+from ..kv.sessions import MLX_CACHES, ModelShape, SessionStore
+from ..kv.sharded import leader_caches
 from ..kv.turns import Turn
 from ..models.model import LoadedModel, load_model
 from ..transport.http import HttpFront
@@ -131,13 +132,11 @@ class Daemon:
             self.config.block_tokens,
             self.config.max_queue,
         )
-        shape = ModelShape(
-            self.model.fingerprint,
-            self.model.num_layers,
-            self.model.kv_heads,
-            self.model.head_dim,
-            self.model.dtype,
-        )
+        shard, caches = "", MLX_CACHES
+        if self.config.distributed:  # every rank holds its heads of each cache, and files
+            shard = distributed.shard_name(distributed.group())
+            caches = leader_caches(self.engine)  # type: ignore[arg-type]
+        shape = ModelShape.of(self.model, shard)
         self.sessions = SessionStore(
             self.config.state_dir,
             shape,
@@ -147,6 +146,7 @@ class Daemon:
             block_bytes=per_block,
             kv_bits=self.config.kv_bits,
             prefix_cache=self.config.prefix_cache,
+            caches=caches,
         )
         await self.sessions.load_index()
 
