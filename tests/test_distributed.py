@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -66,6 +67,13 @@ def sigterm_rank0(proc: DaemonProcess, pids: list[int]) -> dict[int, str]:
     return rank_exits(proc)
 
 
+def twins_left(proc: DaemonProcess) -> tuple[int, int]:
+    """What rank 1 said as it stopped: the caches it held, and how many rank 0 held."""
+    found = [re.search(r'\{[^{}]*"event": "rank stopped"[^{}]*\}', x) for x in proc.lines]
+    (event,) = [json.loads(m.group(0)) for m in found if m]  # mlx.launch may share its line
+    return event["twins"], event["rank0_caches"]
+
+
 def session_files(state: Path, session: str) -> dict[str, Path]:
     """Every file of `session` under `state`, by the shard it says it holds."""
     from mlxd.daemon.kv.cachefile import read_metadata
@@ -86,6 +94,7 @@ def rank_exits(proc: DaemonProcess) -> dict[int, str]:
     """What mlx.launch said of each rank's end: "completed" (exit 0) or its warning."""
     ends: dict[int, str] = {}
     for line in proc.lines:
+        line = re.sub(r"\{[^{}]*\}", "", line)  # a rank's log line may land inside it
         for rank in range(8):
             tag = f"Node with rank {rank} "
             if tag in line:
@@ -190,6 +199,11 @@ def test_two_ranks_match_one_process_then_sigterm_saves_sessions_on_both(
         assert greedy(proc.socket, PROMPTS) == expected  # 8 concurrent, token for token
         pids = first_turns(proc.socket, firsts)
         with Client(proc.socket) as c:
+            # Prefix reuse on every rank: a request without a session starts from s1's
+            # cache, and a fork of s2 shares s2's.
+            borrowed = c.generate(second("s1", firsts["s1"]), max_tokens=12)
+            c.sessions_fork("s2", "s2-fork")
+            forked = c.generate(second("s2", firsts["s2"]), session="s2-fork", max_tokens=12)
             status = c.status()
             dist = status.details["distributed"]
             assert dist["world_size"] == 2 and dist["rank"] == 0 and dist["lost"] is None
@@ -211,6 +225,10 @@ def test_two_ranks_match_one_process_then_sigterm_saves_sessions_on_both(
             assert r.code == ErrorCode.REQUEST_CANCELLED, r
             assert r.data["usage"]["completion_tokens"] >= 1, r.data
     assert rank_exits(proc) == {0: "completed", 1: "completed"}, proc.lines[-20:]
+    twins, held = twins_left(proc)
+    assert twins == held > 0  # rank 1 holds the twins of rank 0's caches, no more
+    assert list(borrowed.tokens) == cold["s1"] and borrowed.usage.cached_tokens > 0
+    assert list(forked.tokens) == cold["s2"] and forked.usage.cached_tokens > 0
     # The drain saved each session on both ranks: one file per rank, in its own folder.
     for s in TURNS:
         assert set(session_files(state, s)) == {"tensor 0/2", "tensor 1/2"}, s
@@ -247,6 +265,7 @@ def test_sessions_saved_by_two_ranks_resume_after_the_group_restarts(
     finally:
         reap(proc, pids)
     assert ends == {0: "completed", 1: "completed"}, proc.lines[-20:]
+    assert twins_left(proc)[0] == twins_left(proc)[1] > 0
     session_files(state, "s2")["tensor 1/2"].unlink()  # rank 1's part of s2 is lost
 
     proc = group(folders[1], model_cache, state_dir=state).start(timeout=180)
@@ -267,6 +286,7 @@ def test_sessions_saved_by_two_ranks_resume_after_the_group_restarts(
         for x in proc.lines
     ), proc.lines[-20:]
     assert ends == {0: "completed", 1: "completed"}, proc.lines[-20:]
+    assert twins_left(proc)[0] == twins_left(proc)[1] > 0
 
 
 @pytest.mark.stress  # ~35 s: a group of its own

@@ -24,6 +24,7 @@ wait for a plan to arrive: its sends are scheduled asynchronously.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import queue
 import secrets
@@ -38,7 +39,7 @@ import msgspec
 import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 
-from ..kv.sharded import CacheOp, Keep, Twins, mirror
+from ..kv.sharded import CacheOp, Keep, Twins, live_caches, mirror
 from .engine import Engine, Job, KVCacheList, Outcome, Update
 from .sampling import make_sampler
 
@@ -76,7 +77,7 @@ class Reset(msgspec.Struct, tag="z", array_like=True):
 
 
 class Exit(msgspec.Struct, tag="x", array_like=True):
-    pass
+    caches: int  # how many KV caches rank 0 holds: every other rank holds their twins
 
 
 Op = Insert | Remove | Reset | Exit | CacheOp
@@ -396,7 +397,8 @@ class LockstepEngine(Engine):
         if self.lost is not None or self.model is None:
             return
         self._close_generator()
-        self.channel.record(Exit())
+        gc.collect()  # caches only a reference cycle holds: dropped before they are counted
+        self.channel.record(Exit(live_caches()))
         try:
             with self.talking():
                 self.channel.send(self.last_check, step=False, wait=True)
@@ -423,8 +425,9 @@ def follow(
     max_batch: int,
     prefill_batch: int,
     prefill_step_size: int,
-) -> None:
-    """Any rank but 0: replay rank 0's plans on this rank's shard until told to exit.
+) -> int:
+    """Any rank but 0: replay rank 0's plans on this rank's shard until told to exit;
+    returns how many caches rank 0 held then (`twins` should hold as many).
 
     Raises GroupLost when rank 0 is gone or this rank's tokens differ from rank 0's."""
     eos = StopSequences([(t,) for t in tokenizer.eos_token_ids])
@@ -479,7 +482,7 @@ def follow(
                 gen = generator()
             elif isinstance(op, Exit):
                 gen.close()
-                return
+                return op.caches
             else:
                 twins.apply(op)
         twins.finished.clear()  # rank 0 keeps a cache in the plan after it finished, or never

@@ -38,6 +38,7 @@ __all__ = [
     "Mirrored",
     "Twins",
     "leader_caches",
+    "live_caches",
     "mirror",
 ]
 
@@ -107,12 +108,21 @@ class Mirrored(list[Any]):
     handle: int
 
 
+_live: weakref.WeakValueDictionary[int, Mirrored] = weakref.WeakValueDictionary()
+
+
 def mirror(cache: Sequence[Any], record: Callable[[Any], None]) -> Mirrored:
     """`cache` as a Mirrored list with a new handle; its twins are dropped when it is."""
     out = Mirrored(cache)
     out.handle = next(_handles)
     weakref.finalize(out, record, Drop(out.handle)).atexit = False
+    _live[out.handle] = out
     return out
+
+
+def live_caches() -> int:
+    """Rank 0: the Mirrored caches alive (each has a twin on every other rank)."""
+    return len(_live)
 
 
 def _handle(cache: Sequence[Any]) -> int:

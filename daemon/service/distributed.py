@@ -95,7 +95,7 @@ def run_follower(config: Config) -> int:
     channel = Channel(g)
     _watch_rank0(channel, config.rank_timeout_s)
     try:
-        follow(
+        rank0_caches = follow(
             channel,
             loaded.model,
             loaded.tokenizer,
@@ -107,7 +107,11 @@ def run_follower(config: Config) -> int:
     except GroupLost as exc:
         print(f"mlxd: rank {g.rank()}: {exc}", file=sys.stderr, flush=True)
         return 1
-    log.info("rank stopped", rank=g.rank())
+    twins_left = len(twins.caches)
+    # As many as rank 0's: a twin left over would be memory this rank never gets back.
+    (log.info if twins_left == rank0_caches else log.warning)(
+        "rank stopped", rank=g.rank(), twins=twins_left, rank0_caches=rank0_caches
+    )
     return 0
 
 
