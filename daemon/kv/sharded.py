@@ -21,7 +21,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import msgspec
@@ -30,17 +30,24 @@ from . import cachefile
 from . import snapshot as kvsnap
 from .sessions import SUFFIX, CacheOps, ModelShape
 
-if TYPE_CHECKING:
-    from ..engine.lockstep import LockstepEngine
-
 __all__ = [
     "CacheOp",
+    "Leader",
     "Mirrored",
     "Twins",
     "leader_caches",
     "live_caches",
     "mirror",
 ]
+
+
+class Leader(Protocol):
+    """What rank 0's cache ops need of its lockstep engine (the engine imports this module)."""
+
+    channel: Any  # lockstep.Channel: `record(op)` and `size`
+
+    def ask(self) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +142,7 @@ def _tokens_crc(tokens: Sequence[int]) -> int:
     return zlib.crc32(b"".join(int(t).to_bytes(8, "little") for t in tokens))
 
 
-def leader_caches(engine: LockstepEngine) -> CacheOps:
+def leader_caches(engine: Leader) -> CacheOps:
     """Rank 0's cache ops: MLX's on its own shard, each one recorded for the other ranks."""
     record = engine.channel.record
 
