@@ -26,7 +26,7 @@ from mlxd import faults
 
 from ..kv.snapshot import quantize_cache
 from ..metrics import LatencyWindow
-from .sampling import make_sampler
+from .sampling import Sampling, make_sampler
 from .textstream import TextAssembler
 
 __all__ = ["PREFILL_BATCH", "Engine", "Job", "Outcome", "Update"]
@@ -44,11 +44,7 @@ class Job:
     prompt: list[int]  # the whole prompt, cached prefix included
     max_tokens: int
     deliver: Callable[[Update], None]  # runs on the event loop, via the server's bridge
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     prefix_cache: KVCacheList | None = None  # a KV cache holding prompt[:cached]
@@ -246,7 +242,7 @@ class Engine:
         try:
             if job.cached >= len(job.prompt):
                 raise ValueError("at least one prompt token must be left to prefill")
-            sampler = make_sampler(job.temperature, job.top_p, job.top_k, job.min_p, job.seed)
+            sampler = make_sampler(job.sampling)
             (uid,) = self._generator().insert(
                 [job.prompt[job.cached :]],
                 max_tokens=[job.max_tokens],

@@ -41,7 +41,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 
 from ..kv.sharded import CacheOp, Keep, Twins, live_caches, mirror
 from .engine import Engine, Job, KVCacheList, Outcome, Update
-from .sampling import make_sampler
+from .sampling import Sampling, make_sampler
 
 __all__ = ["Channel", "GroupLost", "LockstepEngine", "follow"]
 
@@ -60,11 +60,7 @@ class Insert(msgspec.Struct, tag="i", array_like=True):
     tokens: list[int]  # those to prefill: after the prefix cache's
     cache: int  # the prefix cache's handle (kv/sharded.py); 0: none
     max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: int | None
+    sampling: Sampling
 
 
 class Remove(msgspec.Struct, tag="r", array_like=True):
@@ -183,11 +179,7 @@ class _LeaderGenerator:
                 list(prompts[0]),
                 handle,
                 job.max_tokens,
-                job.temperature,
-                job.top_p,
-                job.top_k,
-                job.min_p,
-                job.seed,
+                job.sampling,
             )
         )
         return uids
@@ -375,8 +367,9 @@ class LockstepEngine(Engine):
         if self.lost is not None:
             self._emit([(job, Update(outcome=_error_outcome(job, self.lost)))])
             return
-        if job.temperature and job.seed is None:
-            job.seed = secrets.randbits(63)  # chosen here and sent: every rank samples alike
+        if job.sampling.temperature and job.sampling.seed is None:
+            # Chosen here and sent: every rank samples alike.
+            job.sampling.seed = secrets.randbits(63)
         self.inserting = job
         try:
             with self.talking():
@@ -442,7 +435,7 @@ def follow(
         )
 
     def insert(op: Insert) -> None:
-        sampler = make_sampler(op.temperature, op.top_p, op.top_k, op.min_p, op.seed)
+        sampler = make_sampler(op.sampling)
         try:
             caches = [twins.get(op.cache)] if op.cache else None
         except LookupError as exc:

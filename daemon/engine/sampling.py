@@ -11,10 +11,22 @@ import secrets
 from collections.abc import Callable
 
 import mlx.core as mx
+import msgspec
 
-__all__ = ["Sampler", "make_sampler"]
+__all__ = ["Sampler", "Sampling", "make_sampler"]
 
 Sampler = Callable[[mx.array], mx.array]
+
+
+class Sampling(msgspec.Struct, array_like=True):
+    """A request's sampling settings: held by its job, and sent as they are to other ranks."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+
 
 # mlx-lm's apply_top_p/apply_min_p are mx.compile'd with the threshold as a Python
 # constant: every new value compiled again on the engine thread (~1.5 s on CPU, stalling
@@ -42,12 +54,14 @@ def _min_p(logprobs: mx.array, log_min_p: mx.array) -> mx.array:
     return mx.where(logprobs < top + log_min_p, -math.inf, logprobs)
 
 
-def make_sampler(
-    temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None
-) -> Sampler | None:
+def make_sampler(settings: Sampling) -> Sampler | None:
     """None means greedy, which BatchGenerator runs as one argmax over the whole batch."""
+    temperature, top_p, top_k, min_p = (
+        settings.temperature, settings.top_p, settings.top_k, settings.min_p
+    )  # fmt: skip
     if temperature == 0:
         return None
+    seed = settings.seed
     key = mx.random.key(seed if seed is not None else secrets.randbits(63))
     top_p_arr = mx.array(top_p, mx.float32)
     log_min_p = mx.array(math.log(min_p) if min_p > 0 else 0.0, mx.float32)

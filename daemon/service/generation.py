@@ -16,6 +16,7 @@ import structlog
 from mlxd import faults, rpc
 
 from ..engine.engine import Job, Outcome, Update
+from ..engine.sampling import Sampling
 from ..transport.server import RequestContext
 
 if TYPE_CHECKING:
@@ -163,11 +164,9 @@ async def _admit(
             prompt=prompt,
             max_tokens=params.max_tokens,
             deliver=deliver,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            seed=params.seed,
+            sampling=Sampling(
+                params.temperature, params.top_p, params.top_k, params.min_p, params.seed
+            ),
             stop=list(params.stop),
             logprobs=params.logprobs,
             prefix_cache=cache,
