@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -114,7 +115,13 @@ def anchor_env() -> None:
         "installing the anchor extra (llama-cpp-python[server]); pip compiles llama.cpp "
         "from source: about 7 minutes on 2 cores"
     )
-    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[anchor]"], check=True)
+    env = dict(os.environ)
+    if platform.machine() == "x86_64" and "CMAKE_ARGS" not in env:
+        # A build for the native CPU uses every extension it reports, AMX included, and a VM
+        # that reports AMX but traps it kills the server on its first completion (SIGILL).
+        env["CMAKE_ARGS"] = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    install = [str(PY), "-m", "pip", "install", "-q", "--no-cache-dir"]  # not a cached build
+    subprocess.run([*install, "-e", f"{ROOT}[anchor]"], check=True, env=env)
 
 
 def mypy_tree() -> Path:
