@@ -9,7 +9,6 @@ raises: a failed step fails the running jobs, a failure in one job's handling th
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import queue
@@ -24,6 +23,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from mlxd import faults
 
+from ..heap import release_free_heap
 from ..kv.snapshot import quantize_cache
 from ..metrics import LatencyWindow
 from .sampling import Sampling, make_sampler
@@ -90,21 +90,7 @@ class _Running:
     t_last: float = 0.0
 
 
-def _glibc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS): its allocator returns pages itself
-        return None
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
-def _release_free_heap() -> None:
-    """Give the heap's free pages back to the system once idle: glibc keeps what a burst of
-    requests freed (prompt buffers, detokenizer state) and RSS would only ever grow."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+HEAP_TRIM_EVERY_S = 10.0  # a trim takes a few ms; periodic trims cost no throughput
 
 
 class _Stop:
@@ -131,6 +117,7 @@ class Engine:
         self._eos = StopSequences()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._running: dict[int, _Running] = {}  # uid -> state
+        self._trimmed_at = time.monotonic()
         self._by_job: dict[int, _Running] = {}  # id(job) -> state
         self._gen: BatchGenerator | None = None
         self._thread: threading.Thread | None = None
@@ -186,12 +173,17 @@ class Engine:
                     break
                 was_running = bool(self._running)
                 self.step()
+                now = time.monotonic()
                 if was_running and not self._running:
                     # Idle now. Finished requests leave reference cycles (closures, caught
                     # cancellations) that hold KV arrays: big native buffers behind small
                     # Python objects, which the collector's object counts never notice.
                     gc.collect()
-                    _release_free_heap()
+                    release_free_heap()
+                    self._trimmed_at = now
+                elif now - self._trimmed_at > HEAP_TRIM_EVERY_S:  # a load that never pauses
+                    release_free_heap()
+                    self._trimmed_at = now
             except Exception:  # never let one bad step kill the engine
                 log.exception("engine step failed")
 
