@@ -173,15 +173,14 @@ class Engine:
                     break
                 was_running = bool(self._running)
                 self.step()
-                now = time.monotonic()
-                if was_running and not self._running:
-                    # Idle now. Finished requests leave reference cycles (closures, caught
+                idle = was_running and not self._running
+                if idle:
+                    # Finished requests leave reference cycles (closures, caught
                     # cancellations) that hold KV arrays: big native buffers behind small
                     # Python objects, which the collector's object counts never notice.
                     gc.collect()
-                    release_free_heap()
-                    self._trimmed_at = now
-                elif now - self._trimmed_at > HEAP_TRIM_EVERY_S:  # a load that never pauses
+                now = time.monotonic()
+                if idle or now - self._trimmed_at > HEAP_TRIM_EVERY_S:  # or a load never pauses
                     release_free_heap()
                     self._trimmed_at = now
             except Exception:  # never let one bad step kill the engine
