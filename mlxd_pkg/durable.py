@@ -8,7 +8,7 @@ import fcntl
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -56,8 +56,11 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
+    if not view.nbytes:  # (cast refuses a view with a zero in its shape)
+        return
+    view = view.cast("B")  # slices below count bytes, whatever the items are
     while view:
         written = os.write(fd, view[:_WRITE_CHUNK])
         view = view[written:]
@@ -65,13 +68,14 @@ def write_all(fd: int, data: bytes) -> None:
 
 def write_atomic(
     path: Path,
-    data: bytes,
+    data: bytes | Sequence[bytes | memoryview],
     *,
     mode: int = 0o600,
     exclusive: bool = False,
     before_write: Callable[[int, Path], None] | None = None,
 ) -> None:
-    """Write `data` to `path`: temp file, write, fsync, rename, fsync the folder.
+    """Write `data` (bytes, or pieces written one after another) to `path`: temp file,
+    write, fsync, rename, fsync the folder.
 
     The temp file has `mode` from creation (0600 by default: never readable by others,
     not even for a moment). On any error it is removed and the old file at `path` is
@@ -87,7 +91,8 @@ def write_atomic(
             os.fchmod(fd, mode)  # the umask may have narrowed it; `mode` is what is asked
             if before_write is not None:
                 before_write(fd, tmp)
-            write_all(fd, data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                write_all(fd, piece)
             full_fsync(fd)
         finally:
             os.close(fd)

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from mlxd.daemon.kv import cachefile as P
 from mlxd.daemon.kv import snapshot as KV
-from mlxd.daemon.kv.cachefile import CacheFileError
+from mlxd.daemon.kv.cachefile import CacheFileError, Snapshot
 from mlxd.daemon.models.builtin_model import ensure_builtin
 
 FP = "fingerprint-of-the-test-model"
@@ -120,13 +121,35 @@ def test_the_file_is_plain_safetensors(tiny: Any, tmp_path: Path) -> None:
     path = tmp_path / "s.safetensors"
     snap = KV.snapshot(prefill(tiny, PROMPT), PROMPT)
     P.write_snapshot(path, snap, fingerprint=FP, session="abc")
-    assert safetensors.numpy.load_file(str(path)).keys() == snap.arrays.keys()
+    loaded = safetensors.numpy.load_file(str(path))
+    assert loaded.keys() == snap.arrays.keys()
+    for name, a in snap.arrays.items():
+        assert loaded[name].dtype == a.dtype and np.array_equal(loaded[name], a), name
     with safetensors.safe_open(str(path), framework="np") as f:
         meta = f.metadata()
     assert meta == P.read_metadata(path)
     assert meta["session"] == "abc" and meta["n_tokens"] == str(len(PROMPT))
     assert json.loads(meta["tokens"]) == PROMPT
     assert meta["checksum"] == P.compute_checksum(meta, snap.arrays)
+
+
+def test_writing_a_file_does_not_hold_a_second_copy_of_the_cache(tmp_path: Path) -> None:
+    # A spill happens while the daemon is busy; the file goes out from the snapshot's own
+    # arrays, not from a file-sized bytes object built first.
+    keys = np.random.default_rng(0).standard_normal((1, 4, 2048, 64), dtype=np.float32)
+    snap = Snapshot(list(range(2048)), {"layers.0.keys": keys, "layers.0.values": keys + 1},
+                    kv_bits=0, group_size=0, dtype="float32", num_layers=1)  # fmt: skip
+    tracemalloc.start()
+    try:
+        written = P.write_snapshot(tmp_path / "s.safetensors", snap, fingerprint=FP, session="s")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert written == (tmp_path / "s.safetensors").stat().st_size > snap.nbytes
+    assert peak < snap.nbytes / 4, f"{peak} bytes allocated to write {snap.nbytes}"
+    back = P.read_snapshot(tmp_path / "s.safetensors", fingerprint=FP, num_layers=1, kv_heads=4,
+                           head_dim=64, dtype="float32")  # fmt: skip
+    assert all(np.array_equal(back.arrays[k], a) for k, a in snap.arrays.items())
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

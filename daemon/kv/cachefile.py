@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import safetensors.numpy
 
 from mlxd import faults
 from mlxd.durable import TEMP_SUFFIX, write_all, write_atomic
@@ -205,15 +204,43 @@ def write_snapshot(
     """
     path = Path(path)
     meta = _metadata(snap, fingerprint, session, shard)
-    data = safetensors.numpy.save(snap.arrays, metadata=meta)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise OSError(
-            errno.EFBIG, f"{len(data)} bytes exceed the disk budget of {max_bytes}", str(path)
-        )
+    header, tensors = _encode(snap.arrays, meta)
+    size = len(header) + sum(a.nbytes for a in tensors)
+    if max_bytes is not None and size > max_bytes:
+        raise OSError(errno.EFBIG, f"{size} bytes exceed the disk budget of {max_bytes}", str(path))
     _injected_fault("WRITE_EROFS", errno.EROFS, path.parent)
     # 0600 from creation: KV caches reveal the conversation, so never world-readable.
-    write_atomic(path, data, mode=0o600, before_write=_half_write_fault)
-    return len(data)
+    pieces: list[bytes | memoryview] = [header, *(a.data for a in tensors)]
+    write_atomic(path, pieces, mode=0o600, before_write=_half_write_fault)
+    return size
+
+
+def _encode(
+    arrays: Mapping[str, np.ndarray], metadata: dict[str, str]
+) -> tuple[bytes, list[np.ndarray]]:
+    """A safetensors file's header, and its tensors in file order.
+
+    The file is written from the arrays themselves, piece by piece: building it as one
+    bytes object first (`safetensors.numpy.save`) would hold a second copy of the whole
+    cache in memory during every spill.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    tensors, offset = [], 0
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        if a.dtype not in _ST_CODE:
+            raise ValueError(f"{name}: a cache file cannot hold dtype {a.dtype}")
+        end = offset + a.nbytes
+        header[name] = {
+            "dtype": _ST_CODE[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, end],
+        }
+        tensors.append(a)
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned, as safetensors writes them
+    return len(raw).to_bytes(8, "little") + raw, tensors
 
 
 def _read_exact(f: BinaryIO, n: int, path: Path, what: str) -> bytes:
