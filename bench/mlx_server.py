@@ -274,6 +274,17 @@ def _through_server(
     }
 
 
+def _same_text(pairs: list[dict[str, Any]], a: str, b: str) -> str:
+    """How many replies were identical between sides a and b, of how many."""
+    same = [x == y for p in pairs for x, y in zip(p[a]["texts"], p[b]["texts"], strict=True)]
+    return f"{sum(same)}/{len(same)}"
+
+
+def _stopped_early(pairs: list[dict[str, Any]], a: str, b: str) -> str:
+    """Replies that ended before max_tokens, side a / side b."""
+    return " / ".join(str(sum(p[side]["stopped_early"] for p in pairs)) for side in (a, b))
+
+
 def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]:
     """Aggregate tokens/s, mlxd vs mlx_lm.server, N concurrent streaming clients."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -348,16 +359,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         h_tps = [p["mlxd_http"]["tps"] for p in ps]
         hs_tps = [p["server_for_http"]["tps"] for p in ps]
         http_ratios = [h / s for h, s in zip(h_tps, hs_tps, strict=True)]
-        http_same = sum(
-            a == b
-            for p in ps
-            for a, b in zip(p["mlxd_http"]["texts"], p["server_for_http"]["texts"], strict=True)
-        )
-        same = sum(
-            a == b
-            for p in ps
-            for a, b in zip(p["mlxd"]["texts"], p["mlx_lm.server"]["texts"], strict=True)
-        )
+
         rows.append(
             {
                 "clients": n,
@@ -371,18 +373,16 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 "http_ratios": http_ratios,
                 "http_server_tps": median(hs_tps),
                 "http_ttft_ms_p50": median([p["mlxd_http"]["ttft_ms_p50"] for p in ps]),
-                "http_same_text": f"{http_same}/{n * len(ps)}",
-                "http_stopped_early": f"{sum(p['mlxd_http']['stopped_early'] for p in ps)} / "
-                f"{sum(p['server_for_http']['stopped_early'] for p in ps)}",
+                "http_same_text": _same_text(ps, "mlxd_http", "server_for_http"),
+                "http_stopped_early": _stopped_early(ps, "mlxd_http", "server_for_http"),
                 "daemon_tps_rounds": d_tps,
                 "server_tps_rounds": s_tps,
                 "daemon_ttft_ms_p50": median([p["mlxd"]["ttft_ms_p50"] for p in ps]),
                 "server_ttft_ms_p50": median([p["mlx_lm.server"]["ttft_ms_p50"] for p in ps]),
                 "daemon_tokens": ps[-1]["mlxd"]["tokens"],
                 "server_tokens": ps[-1]["mlx_lm.server"]["tokens"],
-                "stopped_early": f"{sum(p['mlxd']['stopped_early'] for p in ps)} / "
-                f"{sum(p['mlx_lm.server']['stopped_early'] for p in ps)}",
-                "same_text": f"{same}/{n * len(ps)}",
+                "stopped_early": _stopped_early(ps, "mlxd", "mlx_lm.server"),
+                "same_text": _same_text(ps, "mlxd", "mlx_lm.server"),
             }
         )
     return {
