@@ -49,6 +49,49 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+ARENA_BYTES = 64 * 2**20  # glibc reserves each thread's malloc arena as one 64 MiB region
+BIG_BYTES = 2**20  # glibc serves a malloc this big with its own mmap (MLX's CPU buffers)
+MAPPING_KINDS = ("heap", "arenas", "big_anonymous", "small_anonymous", "files")
+
+
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """Resident bytes of a process by kind of mapping (Linux; empty elsewhere): glibc's main
+    heap, the other threads' malloc arenas, anonymous mappings of 1 MiB and more (big mallocs,
+    hence MLX's buffers), smaller anonymous ones (stacks among them), and files (the model,
+    libraries). A leak shows up as one kind that keeps growing."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return {}
+    maps: list[tuple[int, int, str, str, int]] = []  # start, end, perms, path, rss
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if "-" in head[0] and not head[0].endswith(":"):
+            lo, _, hi = head[0].partition("-")
+            maps.append((int(lo, 16), int(hi, 16), head[1], head[5] if len(head) > 5 else "", 0))
+        elif head[0] == "Rss:" and maps:
+            start, end, perms, path, _ = maps[-1]
+            maps[-1] = (start, end, perms, path, int(head[1]) * 1024)
+    out = dict.fromkeys(MAPPING_KINDS, 0)
+    for i, (start, end, _perms, path, rss) in enumerate(maps):
+        if path == "[heap]":
+            kind = "heap"
+        elif path.startswith("/"):
+            kind = "files"
+        elif path and not path.startswith("[anon"):
+            kind = "small_anonymous"  # [stack], [vdso], ...
+        else:
+            # An arena is a 64 MiB-aligned region: its used part, then PROT_NONE up to 64 MiB.
+            nxt = maps[i + 1] if i + 1 < len(maps) else None
+            reserved = end if nxt is None or nxt[0] != end or nxt[2] != "---p" else nxt[1]
+            if start % ARENA_BYTES == 0 and reserved - start == ARENA_BYTES:
+                kind = "arenas"
+            else:
+                kind = "big_anonymous" if end - start >= BIG_BYTES else "small_anonymous"
+        out[kind] += rss
+    return out
+
+
 def open_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))

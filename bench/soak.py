@@ -38,7 +38,14 @@ from typing import Any
 from mlxd.client import Client, RpcError
 
 from .common import Daemon, loadavg, median, percentiles, run_python
-from .memory import BLOCK_TOKENS, KV_PER_TOKEN, open_fds, proc_status
+from .memory import (
+    BLOCK_TOKENS,
+    KV_PER_TOKEN,
+    MAPPING_KINDS,
+    open_fds,
+    proc_status,
+    rss_by_mapping,
+)
 
 __all__ = ["run"]
 
@@ -47,6 +54,13 @@ REQUEST_TIMEOUT_S = 60.0  # a client gives up (and reconnects) after this long w
 STALL_MS = 10_000.0  # a probe TTFT past this counts as a stall
 BASE_WINDOW = (0.2, 0.3)
 END_WINDOW = 0.9
+MAPPING_LABELS = {
+    "heap": "glibc's main heap",
+    "arenas": "other threads' malloc arenas",
+    "big_anonymous": "anonymous mappings >= 1 MiB (big mallocs: MLX's buffers)",
+    "small_anonymous": "smaller anonymous mappings",
+    "files": "file mappings (model, libraries)",
+}
 
 
 def _fill(text: str, n: int) -> str:
@@ -269,6 +283,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                     if probe is not None:
                         probe.close()
                     probe = None
+                mlx = st.memory.mlx_active_bytes + st.memory.mlx_cache_bytes
                 samples.append(
                     {
                         "t_s": tick - t0,
@@ -279,6 +294,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                         "fds": open_fds(pid),
                         "mlx_active_bytes": st.memory.mlx_active_bytes,
                         "mlx_cache_bytes": st.memory.mlx_cache_bytes,
+                        "rss_outside_mlx_bytes": rss - mlx,
+                        **{f"rss_{k}_bytes": v for k, v in rss_by_mapping(pid).items()},
                         "hot": st.sessions.hot,
                         "disk": st.sessions.disk,
                         "active": st.active,
@@ -332,6 +349,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
                 "fds",
                 "mlx_active_bytes",
                 "mlx_cache_bytes",
+                "rss_outside_mlx_bytes",
+                *(f"rss_{k}_bytes" for k in MAPPING_KINDS),
                 "probe_ttft_ms",
             )
         },
@@ -451,10 +470,12 @@ def section(res: dict[str, Any]) -> list[str]:
         "fds": ("open fds", 1),
         "mlx_active_bytes": ("MLX active MiB", 2**20),
         "mlx_cache_bytes": ("MLX cache MiB", 2**20),
+        "rss_outside_mlx_bytes": ("RSS outside MLX (RSS - MLX active - MLX cache) MiB", 2**20),
+        **{f"rss_{k}_bytes": (f"RSS in {MAPPING_LABELS[k]} MiB", 2**20) for k in MAPPING_KINDS},
         "probe_ttft_ms": ("probe TTFT ms", 1),
     }
     for key, (label, unit) in names.items():
-        g = res["growth"][key]
+        g = res["growth"].get(key, {})
         if g.get("base") is None:
             lines.append(f"| {label} | n/a | n/a | n/a | n/a |")
             continue
@@ -477,21 +498,29 @@ def section(res: dict[str, Any]) -> list[str]:
 def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
     samples = res["samples"]
     ts = [s["t_s"] / 60 for s in samples]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6), sharex=True)
+
+    def mib(key: str) -> list[float]:
+        return [float("nan") if s.get(key) is None else s[key] / 2**20 for s in samples]
+
+    fig, axes = plt.subplots(3, 2, figsize=(11, 9), sharex=True)
     series = [
-        ("RSS (MiB)", [s["rss_bytes"] / 2**20 for s in samples]),
-        ("open fds", [s["fds"] for s in samples]),
-        ("MLX active (MiB)", [s["mlx_active_bytes"] / 2**20 for s in samples]),
-        ("probe TTFT (ms)", [s["probe_ttft_ms"] for s in samples]),
+        ("RSS (MiB)", {"RSS": mib("rss_bytes"), "net of the hot KV": mib("rss_net_bytes")}),
+        ("open fds", {"": [s["fds"] for s in samples]}),
+        ("MLX (MiB)", {"active": mib("mlx_active_bytes"), "hot KV": mib("session_kv_bytes")}),
+        ("probe TTFT (ms)", {"": [s["probe_ttft_ms"] for s in samples]}),
+        ("RSS by mapping (MiB)", {k: mib(f"rss_{k}_bytes") for k in MAPPING_KINDS}),
+        ("RSS outside MLX: RSS - active - cache (MiB)", {"": mib("rss_outside_mlx_bytes")}),
     ]
-    for ax, (title, ys) in zip(axes.flat, series, strict=True):
-        ax.plot(ts, [float("nan") if y is None else y for y in ys], marker=".", linewidth=1)
-        ax.axvspan(0, res["minutes"] * WARMUP, color="grey", alpha=0.15, label="warm-up")
-        ax.set_title(title)
-        ax.set_xlabel("minutes")
-    net = [s["rss_net_bytes"] / 2**20 for s in samples]
-    axes.flat[0].plot(ts, net, marker=".", linewidth=1, label="net of the hot KV")
-    axes.flat[0].legend(fontsize=7)
+    for ax, (title, lines) in zip(axes.flat, series, strict=True):
+        for label, ys in lines.items():
+            ys = [float("nan") if y is None else y for y in ys]
+            ax.plot(ts, ys, marker=".", markersize=3, linewidth=1, label=label or None)
+        ax.axvspan(0, res["minutes"] * WARMUP, color="grey", alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("minutes (grey: warm-up)")
     growth = res["growth"]
     fig.suptitle(
         f"Soak, {res['minutes']:g} min: RSS growth after warm-up {_pct(growth['rss_bytes'])}, "
