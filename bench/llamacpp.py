@@ -53,7 +53,7 @@ from .agents import (
     wall_bars,
 )
 from .common import Daemon, loadavg, median, pairs
-from .mlx_server import MlxServer, _free_port, _through_server, complete
+from .mlx_server import MlxServer, _free_port, _same_text, _through_server, complete
 from .throughput import CLIENTS, prompts
 
 __all__ = ["LlamaServer", "available", "run"]
@@ -317,15 +317,12 @@ def _throughput(
         row["mlxd_ttft_ms_p50"] = median([m[MLXD]["ttft_ms_p50"] for m in ps])
         for side in llamas:
             ratios = [m[MLXD]["tps"] / m[side]["tps"] for m in ps]
-            same = sum(
-                a == b for m in ps for a, b in zip(m[MLXD]["texts"], m[side]["texts"], strict=True)
-            )
             row[side] = {
                 "tps": median([m[side]["tps"] for m in ps]),
                 "ratio": median(ratios),
                 "ratios": ratios,
                 "ttft_ms_p50": median([m[side]["ttft_ms_p50"] for m in ps]),
-                "same_text": f"{same}/{n * len(ps)}",
+                "same_text": _same_text(ps, MLXD, side),
                 "stopped_early": sum(m[side]["stopped_early"] for m in ps),
             }
         row["mlxd_stopped_early"] = sum(m[MLXD]["stopped_early"] for m in ps)

@@ -359,7 +359,6 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         h_tps = [p["mlxd_http"]["tps"] for p in ps]
         hs_tps = [p["server_for_http"]["tps"] for p in ps]
         http_ratios = [h / s for h, s in zip(h_tps, hs_tps, strict=True)]
-
         rows.append(
             {
                 "clients": n,
