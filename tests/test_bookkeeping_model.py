@@ -222,7 +222,9 @@ class Bookkeeping(RuleBasedStateMachine):
 
     def _cached(self) -> list[list[int]]:
         sessions = self.store.sessions.values()
-        return [s.tokens if s.cache is not None else s.disk_token_list or [] for s in sessions]
+        return [
+            s.tokens if s.cache is not None else list(s.disk_token_list or []) for s in sessions
+        ]
 
     @precondition(lambda self: self.engine.jobs)
     @rule(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,7 +42,7 @@ from mlxd import faults, rpc
 from . import cachefile
 from . import snapshot as kvsnap
 from .pool import BlockPool, Reservation
-from .prefix_index import PrefixIndex
+from .prefix_index import PrefixIndex, common_prefix
 from .turns import Turn
 
 __all__ = [
@@ -58,14 +59,6 @@ log = structlog.get_logger("mlxd.sessions")
 SUFFIX = ".safetensors"
 ANON_PREFIX = "~anon-"  # outside the session id pattern: no client can name one
 SHORT_MATCH = 16  # tokens: a shorter common prefix (a BOS, a chat header) is not worth a view
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass(frozen=True)
@@ -147,7 +140,9 @@ class Session:
     turn: Turn = field(default_factory=Turn)
     deleted: bool = False  # out of the store: its turn's holder discards what is left
     anonymous: bool = False  # kept for a sessionless request: not listed, evicted first
-    disk_token_list: list[int] | None = None  # the file's tokens (the prefix index reads them)
+    # The file's tokens, for the prefix index; packed (4 bytes a token, not a list's 8 plus
+    # an int object each) because files outnumber hot caches: thousands under a 20 GiB budget.
+    disk_token_list: array[int] | None = None
     prompt_len: int = 0  # an anonymous entry's prompt: a prompt extending it continues it
 
     @property
@@ -259,7 +254,7 @@ class SessionStore:
                 disk_bytes=stat.st_size,
                 last_used=stat.st_mtime,
                 anonymous=session_id.startswith(ANON_PREFIX),
-                disk_token_list=tokens,
+                disk_token_list=array("I", tokens),
             )
             self._reindex(session)
 
@@ -334,7 +329,7 @@ class SessionStore:
         """The index follows what the session holds: its hot cache, else its file."""
         if session.deleted:
             return
-        tokens = session.tokens if session.cache is not None else None
+        tokens: Sequence[int] | None = session.tokens if session.cache is not None else None
         if tokens is None and session.disk_tokens:
             tokens = session.disk_token_list
         if tokens:
@@ -344,8 +339,8 @@ class SessionStore:
 
     # -- the prefix cache -------------------------------------------------------------
 
-    def _tokens_of(self, own: Session | None) -> Callable[[str], list[int] | None]:
-        def tokens_of(entry: str) -> list[int] | None:
+    def _tokens_of(self, own: Session | None) -> Callable[[str], Sequence[int] | None]:
+        def tokens_of(entry: str) -> Sequence[int] | None:
             s = self.sessions.get(entry)
             if s is None or s.deleted:
                 return None
@@ -375,7 +370,7 @@ class SessionStore:
     def _short_match(
         self,
         prompt: list[int],
-        tokens_of: Callable[[str], list[int] | None],
+        tokens_of: Callable[[str], Sequence[int] | None],
         prefer: Callable[[str], float],
     ) -> tuple[str, int] | None:
         """No whole block in common: the best match inside the first block, by a scan (the
@@ -559,7 +554,7 @@ class SessionStore:
         session.tokens = list(snap.tokens)
         session.hot_bytes = snap.nbytes
         session.dirty = False
-        session.disk_token_list = list(snap.tokens)
+        session.disk_token_list = array("I", snap.tokens)
         self._reindex(session)
         self.restored += 1
 
@@ -612,7 +607,7 @@ class SessionStore:
         if session.cache is cache:
             session.dirty = False
         session.disk_tokens, session.disk_bytes = len(tokens), size
-        session.disk_token_list = tokens
+        session.disk_token_list = array("I", tokens)
         self._reindex(session)
         await self._enforce_disk_budget(keep=session)
         return True
@@ -770,7 +765,7 @@ class SessionStore:
                 },
             )
         forked.disk_tokens, forked.disk_bytes = snap.n_tokens, size or 0
-        forked.disk_token_list = list(snap.tokens)
+        forked.disk_token_list = array("I", snap.tokens)
         self._reindex(forked)
         if size:
             await self._enforce_disk_budget(keep=forked)
