@@ -8,8 +8,13 @@ as its documentation says (`python -m llama_cpp.server --model FILE --n_threads 
 `--interrupt_requests false` (by default a waiting request cuts the running stream short,
 and concurrent clients would get truncated replies), twice: its defaults (no prompt cache:
 only the last prompt's KV stays, so a request reuses the prefix it shares with the one
-before) and `--cache true` (its RAM cache of saved states, 2 GiB, looked up by the longest
-token prefix).
+before) and `--cache true --logits_all false` (its RAM cache of saved states, 2 GiB,
+looked up by the longest token prefix). The second flag is what makes that cache usable:
+with the server's default `logits_all`, every saved state copies the whole score matrix
+(n_ctx x vocabulary float32: 1.6 GB at SmolLM2's 8192 x 49152), which the cache's capacity
+does not count; the full agents run took that server to 19.5 GB and the kernel's OOM
+killer in its 4th turn. Without it a reply's logits are computed for its last prompt token
+only, which is all a completion without logprobs needs.
 
 Both workloads reuse the other suites' clients: throughput (bench/mlx_server.py's
 streaming `/v1/completions` clients at 1, 2, 4, 8, 16 concurrent, fresh prompts every
@@ -75,7 +80,7 @@ QUICK: dict[str, Any] = {
 
 MLXD = "mlxd"
 SESSIONS, SESSIONLESS = "mlxd, sessions", "mlxd, no session"
-DEFAULTS, CACHED = "llama.cpp, defaults", "llama.cpp, --cache true"
+DEFAULTS, CACHED = "llama.cpp, defaults", "llama.cpp, --cache true --logits_all false"
 
 
 def available() -> bool:
@@ -205,7 +210,10 @@ def up() -> Iterator[tuple[Http, Http, LlamaServer, LlamaServer]]:
             d.start()
         with Client(daemons[0].daemon.socket) as client:
             n_ctx = int(client.status().model.context_length)
-        llamas = [LlamaServer(path, n_ctx), LlamaServer(path, n_ctx, "--cache", "true")]
+        llamas = [
+            LlamaServer(path, n_ctx),
+            LlamaServer(path, n_ctx, "--cache", "true", "--logits_all", "false"),
+        ]
         for s in llamas:
             s.start()
         yield daemons[0], daemons[1], llamas[0], llamas[1]
@@ -367,7 +375,8 @@ def section(res: dict[str, Any]) -> list[str]:
         "",
         f"`python -m llama_cpp.server --model {res['gguf']} --n_threads 2 --n_ctx {res['n_ctx']} "
         "--interrupt_requests false`, with its defaults (no prompt cache: the KV of the last "
-        "prompt only) and with `--cache true` (RAM cache of saved states, 2 GiB); mlxd serves "
+        "prompt only) and with `--cache true --logits_all false` (RAM cache of saved states, "
+        "2 GiB; the second flag keeps each state from copying the n_ctx x vocabulary logits); mlxd serves "
         f"{MODEL} from the same file ({res['mlxd_dtype']} on this machine) over HTTP "
         "(`--http`). Every side gets the same raw text on streaming `/v1/completions`, greedy "
         "(llama.cpp: `repeat_penalty: 1.0`), one server computing at a time, the order "
