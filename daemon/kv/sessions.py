@@ -52,7 +52,6 @@ __all__ = [
     "Session",
     "SessionState",
     "SessionStore",
-    "common_prefix",
 ]
 
 log = structlog.get_logger("mlxd.sessions")
@@ -144,6 +143,11 @@ class Session:
     # an int object each) because files outnumber hot caches: thousands under a 20 GiB budget.
     disk_token_list: array[int] | None = None
     prompt_len: int = 0  # an anonymous entry's prompt: a prompt extending it continues it
+
+    def set_file(self, tokens: Sequence[int], size: int) -> None:
+        """Record what the file on disk holds now (no tokens: there is no file)."""
+        self.disk_tokens, self.disk_bytes = len(tokens), size
+        self.disk_token_list = array("I", tokens) if tokens else None
 
     @property
     def phase(self) -> SessionState:
@@ -250,12 +254,10 @@ class SessionStore:
             stat = path.stat()
             session = self.sessions[session_id] = Session(
                 session_id,
-                disk_tokens=int(meta["n_tokens"]),
-                disk_bytes=stat.st_size,
                 last_used=stat.st_mtime,
                 anonymous=session_id.startswith(ANON_PREFIX),
-                disk_token_list=array("I", tokens),
             )
+            session.set_file(tokens, stat.st_size)
             self._reindex(session)
 
     def _path(self, session_id: str) -> Path:
@@ -526,8 +528,7 @@ class SessionStore:
             return None
 
     def _lose_file(self, session: Session) -> None:
-        session.disk_tokens = session.disk_bytes = 0
-        session.disk_token_list = None
+        session.set_file((), 0)
         self._reindex(session)
 
     async def _restore(self, session: Session, snap: cachefile.Snapshot) -> list[Any] | None:
@@ -554,7 +555,7 @@ class SessionStore:
         session.tokens = list(snap.tokens)
         session.hot_bytes = snap.nbytes
         session.dirty = False
-        session.disk_token_list = array("I", snap.tokens)
+        session.set_file(snap.tokens, session.disk_bytes)
         self._reindex(session)
         self.restored += 1
 
@@ -606,8 +607,7 @@ class SessionStore:
             return False
         if session.cache is cache:
             session.dirty = False
-        session.disk_tokens, session.disk_bytes = len(tokens), size
-        session.disk_token_list = array("I", tokens)
+        session.set_file(tokens, size)
         self._reindex(session)
         await self._enforce_disk_budget(keep=session)
         return True
@@ -674,8 +674,7 @@ class SessionStore:
             await anyio.to_thread.run_sync(cachefile.remove, path, limiter=self._writer)
         except OSError as exc:
             self._note_disk_error(f"delete {session.id}: {exc}")
-        session.disk_tokens = session.disk_bytes = 0
-        session.disk_token_list = None
+        session.set_file((), 0)
         self._reindex(session)
 
     def _note_disk_error(self, message: str) -> None:
@@ -764,8 +763,7 @@ class SessionStore:
                     "queue_depth": self.pool.queue_depth,
                 },
             )
-        forked.disk_tokens, forked.disk_bytes = snap.n_tokens, size or 0
-        forked.disk_token_list = array("I", snap.tokens)
+        forked.set_file(snap.tokens, size or 0)
         self._reindex(forked)
         if size:
             await self._enforce_disk_budget(keep=forked)
