@@ -173,4 +173,4 @@ def test_llamacpp_rows_judge_agents_against_its_defaults_only() -> None:
     assert any("0.80x (pairs 0.70-0.90, n=3)" in r for r in rows)
     text = "\n".join(llamacpp.section(res))
     assert "--n_ctx 8192" in text and "**0.80x** (0.70, 0.80, 0.90)" in text
-    assert "| llama.cpp, --cache true | 60.0 | **0.60x** |" in text
+    assert f"| {llamacpp.CACHED} | 60.0 | **0.60x** |" in text
