@@ -674,8 +674,7 @@ class SessionStore:
             await anyio.to_thread.run_sync(cachefile.remove, path, limiter=self._writer)
         except OSError as exc:
             self._note_disk_error(f"delete {session.id}: {exc}")
-        session.set_file((), 0)
-        self._reindex(session)
+        self._lose_file(session)
 
     def _note_disk_error(self, message: str) -> None:
         log.error("session cache disk error", error=message)
