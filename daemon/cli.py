@@ -90,6 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd serve: {exc}", file=sys.stderr)
         return 1
     configure_logging(args.log_level)
+    from .heap import pin_heap_thresholds
+
+    pin_heap_thresholds()  # before the weights and the first KV caches are allocated
     if args.model is None:
         import structlog
 

@@ -1,7 +1,9 @@
-"""The heap release the engine runs: freed big buffers leave RSS (glibc only)."""
+"""The heap release the engine runs and the thresholds the daemon pins: freed big buffers
+leave RSS (glibc only)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -10,11 +12,10 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's heap")
 
-# Raise glibc's dynamic mmap threshold (free a 16 MiB block), then allocate 128 x 1 MiB and
-# free every other one: how much of the freed 64 MiB stays in RSS? (and how long a trim takes)
-_SCRIPT = r"""
-import ctypes, sys, time
-from mlxd.daemon.heap import release_free_heap
+# What both scripts share: malloc'd blocks that are really touched, and the process's RSS.
+_PRELUDE = r"""
+import ctypes, sys, threading, time
+from mlxd.daemon.heap import pin_heap_thresholds, release_free_heap
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -30,7 +31,11 @@ def touched(n):
     p = libc.malloc(n)
     libc.memset(p, 1, n)
     return p
+"""
 
+# Raise glibc's dynamic mmap threshold (free a 16 MiB block), then allocate 128 x 1 MiB and
+# free every other one: how much of the freed 64 MiB stays in RSS? (and how long a trim takes)
+_HOLES_SCRIPT = r"""
 libc.free(touched(16 << 20))
 base = rss_kib()
 blocks = [touched(1 << 20) for _ in range(128)]
@@ -42,18 +47,58 @@ if sys.argv[1] == "trim":
 print(rss_kib() - base - 64 * 1024, time.perf_counter() - t0)
 """
 
+# The engine thread's own arena: free 16 MiB, then 20 MiB into its top, under the dynamic
+# thresholds (the first free lifts the trim threshold to 32 MiB). How much stays in RSS?
+_THREAD_SCRIPT = r"""
+pinned = pin_heap_thresholds() if sys.argv[1] == "pin" else False
+kept = []
 
-def _kept_mib(mode: str) -> tuple[float, float]:
+def engine_thread():
+    base = rss_kib()
+    libc.free(touched(16 << 20))
+    for p in [touched(1 << 20) for _ in range(20)]:
+        libc.free(p)
+    release_free_heap()
+    kept.append(rss_kib() - base)
+
+thread = threading.Thread(target=engine_thread)
+thread.start()
+thread.join()
+print(kept[0], pinned)
+"""
+
+
+def _run(script: str, mode: str, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Run `script` in a fresh process; (MiB it kept resident, its second output)."""
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PRELUDE + script, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
     )
-    kib, seconds = out.stdout.split()
-    return int(kib) / 1024, float(seconds)
+    kib, other = out.stdout.split()
+    return int(kib) / 1024, other
 
 
 def test_release_returns_the_holes_to_the_system() -> None:
     # The control shows the harm: glibc alone keeps the freed 64 MiB resident.
-    assert _kept_mib("none")[0] > 48
-    kept, seconds = _kept_mib("trim")
+    assert _run(_HOLES_SCRIPT, "none")[0] > 48
+    kept, seconds = _run(_HOLES_SCRIPT, "trim")
     assert kept < 8
-    assert seconds < 0.5  # the engine runs it between steps
+    assert float(seconds) < 0.5  # the engine runs it between steps
+
+
+def test_pinned_thresholds_return_a_thread_arenas_free_top() -> None:
+    # The control: even after a trim, the thread's arena keeps the freed 20 MiB.
+    kept, pinned = _run(_THREAD_SCRIPT, "none")
+    assert kept > 16 and pinned == "False"
+    kept, pinned = _run(_THREAD_SCRIPT, "pin")
+    assert pinned == "True" and kept < 4
+
+
+def test_the_users_own_malloc_settings_win() -> None:
+    # Settings that keep a freed top of up to 64 MiB: glibc follows them, not the pin.
+    env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+    kept, pinned = _run(_THREAD_SCRIPT, "pin", env)
+    assert pinned == "False" and kept > 16
