@@ -337,6 +337,21 @@ def test_missing_socket_says_how_to_start_mlxd(tmp_path: Path) -> None:
     assert isinstance(info.value, ConnectionError)
 
 
+@pytest.mark.parametrize("command", [["status"], ["generate", "hi"]])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(
+    fake: FakeDaemon, command: list[str]
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `mlxd status | head -1` once head has exited: every write fails
+    argv = [sys.executable, "-m", "mlxd", *command, "--socket", fake.path]
+    try:
+        out = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.stderr.decode() == ""  # no BrokenPipeError traceback
+    assert out.returncode == 128 + 13  # as if SIGPIPE had ended it, like other Unix tools
+
+
 def test_stale_socket_file_is_not_running(sock_path: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
         stale.bind(sock_path)  # bound, never listening: connecting is refused

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -24,6 +25,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _OutputClosed(Exception):
+    """Whoever read stdout went away (`mlxd status | head -1`): not the daemon's socket."""
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise _OutputClosed from exc
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -54,13 +67,12 @@ def _generate(args: argparse.Namespace) -> int:
             # A terminal must not obey escape sequences a model emits; a pipe gets raw text.
             show = sanitize if sys.stdout.isatty() else str
             for delta in stream:
-                sys.stdout.write(show(delta.text))
-                sys.stdout.flush()
+                _write(show(delta.text))
             result = stream.result
     except (RpcError, ConnectionError) as exc:
         print(f"\nmlxd: {exc}", file=sys.stderr)
         return 1
-    sys.stdout.write("\n")
+    _write("\n")
     if result is not None and args.verbose:
         usage, timings = result.usage, result.timings
         print(
@@ -83,7 +95,7 @@ def _status(args: argparse.Namespace) -> int:
     except (RpcError, ConnectionError) as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(msgspec.to_builtins(status), indent=2))
+    _write(json.dumps(msgspec.to_builtins(status), indent=2) + "\n")
     return 0
 
 
@@ -143,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     except SocketPathTooLong as exc:
         print(f"mlxd: {exc}", file=sys.stderr)
         return 1
+    except _OutputClosed:
+        # Stop quietly, as a tool killed by SIGPIPE does; what is still buffered would
+        # fail again when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
