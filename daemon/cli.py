@@ -64,6 +64,11 @@ def _config(args: argparse.Namespace, http: tuple[str, int] | None) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     import signal
 
+    from .heap import allocator, pin_heap_thresholds, restart_on_jemalloc
+
+    if args.allocator == "auto" and args.argv == sys.argv[1:]:  # this process's own command
+        restart_on_jemalloc()  # first: the exec costs a Python start, no more
+
     # A stop while the imports run (seconds, before the drain's signal watcher is up): there
     # is nothing to save yet, so it is a clean exit, not death by SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -90,12 +95,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd serve: {exc}", file=sys.stderr)
         return 1
     configure_logging(args.log_level)
-    from .heap import pin_heap_thresholds
+    import structlog
 
     pin_heap_thresholds()  # before the weights and the first KV caches are allocated
+    structlog.get_logger("mlxd").info("heap", allocator=allocator())
     if args.model is None:
-        import structlog
-
         from .models.smollm2 import default_model
 
         config.model, why = default_model()
@@ -227,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         "means a rank is lost (requests fail, the daemon exits 1)",
     )
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--allocator",
+        choices=["auto", "system"],
+        default="auto",
+        help="auto: on Linux, jemalloc where installed (libjemalloc2), which returns freed "
+        "KV memory to the system within a second; system: the C library's malloc",
+    )
     add_activation_options(serve)
     serve.set_defaults(func=_serve)
 
@@ -236,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,33 @@ stayed ~600 MiB instead of climbing to ~680, at no cost to throughput (paired, 4
 clients: 1.00x and 1.01x). Pinning the mmap threshold low instead (128 KiB) cost 6-16% of
 throughput at 8-16 clients: every step's temporaries came from fresh mmapped pages.
 On other allocators (macOS) both are no-ops: they return big frees themselves.
+
+Even pinned, a trim every 10 s leaves what was freed since the last one resident, and the
+one-hour soak's RSS net of the hot KV still grew 15.5%; trimming every 2 s cost ~1.3% of the
+engine's time (25 ms a trim over GiBs of arenas, the engine's malloc locked meanwhile). So
+on Linux `mlxd serve` runs on jemalloc where the system has it (Debian's `libjemalloc2`):
+`restart_on_jemalloc` execs the same command again with it preloaded, and jemalloc's own
+background thread returns pages freed for a second, without the engine's lock or a trim.
+In a 15-minute soak beside one on glibc (same load, same time), RSS outside MLX went
+141 -> 167 MiB on jemalloc and 146 -> 225 MiB on glibc; paired throughput on jemalloc
+1.09x / 1.02x / 0.98x of glibc at 1 / 4 / 16 clients. `--allocator system` keeps glibc.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
-__all__ = ["pin_heap_thresholds", "release_free_heap"]
+__all__ = [
+    "allocator",
+    "jemalloc_env",
+    "pin_heap_thresholds",
+    "release_free_heap",
+    "restart_on_jemalloc",
+]
 
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -33,21 +52,64 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # the dynamic threshold's ceiling on 64-bit glibc
 TRIM_THRESHOLD = 4 << 20
 
+JEMALLOC_LIBS = tuple(
+    Path(folder) / "libjemalloc.so.2"
+    for folder in (
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    )
+)
+# Pages freed for a second go back to the system, from jemalloc's own thread.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
-def _glibc(name: str) -> ctypes._NamedFuncPointer | None:
+
+def _libc(name: str) -> ctypes._NamedFuncPointer | None:
+    """A symbol of the allocator this process runs on (a preloaded one comes first)."""
     try:
         return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError):  # not there
         return None
 
 
-_MALLOC_TRIM = _glibc("malloc_trim")
-_MALLOPT = _glibc("mallopt")
+_JEMALLOC = _libc("mallctl") is not None
+_MALLOC_TRIM = None if _JEMALLOC else _libc("malloc_trim")
+_MALLOPT = None if _JEMALLOC else _libc("mallopt")
+
+
+def allocator() -> str:
+    """Which malloc the process runs on: "jemalloc", "glibc", or "system" (another libc)."""
+    return "jemalloc" if _JEMALLOC else "glibc" if _MALLOPT is not None else "system"
+
+
+def jemalloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """`environ` with jemalloc preloaded (and configured, unless the user configured it), or
+    None: not Linux, no jemalloc installed, or one preloaded already."""
+    preload = environ.get("LD_PRELOAD", "")
+    lib = next((p for p in JEMALLOC_LIBS if p.exists()), None)
+    if not sys.platform.startswith("linux") or lib is None or "jemalloc" in preload:
+        return None
+    env = dict(environ, LD_PRELOAD=f"{lib} {preload}".strip())
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
+def restart_on_jemalloc() -> None:
+    """Exec this same command again on jemalloc (see the module's note); returns when there
+    is nothing to do. The process keeps its pid and its inherited descriptors, so a
+    service manager's socket activation survives it; once preloaded, it does not repeat."""
+    env = jemalloc_env(os.environ)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)
 
 
 def pin_heap_thresholds() -> bool:
     """Fix glibc's mmap and trim thresholds for the daemon's life (see the module's note);
-    False where there is no glibc, or where the user's environment already sets them."""
+    False off glibc's malloc, or where the user's environment already sets them."""
     if (
         _MALLOPT is None
         or any(name.startswith("MALLOC_") and name.endswith("_THRESHOLD_") for name in os.environ)
@@ -62,6 +124,7 @@ def pin_heap_thresholds() -> bool:
 
 def release_free_heap() -> None:
     """Give the heap's free pages back to the system: what freed KV caches, prompt buffers
-    and detokenizer state left in the middle of glibc's heaps, which it never trims itself."""
+    and detokenizer state left in the middle of glibc's heaps, which it never trims itself.
+    Nothing to do on jemalloc, whose background thread does it."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

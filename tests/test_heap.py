@@ -1,14 +1,20 @@
-"""The heap release the engine runs and the thresholds the daemon pins: freed big buffers
-leave RSS (glibc only)."""
+"""The heap release the engine runs, the thresholds the daemon pins, and the jemalloc it
+runs on where installed: freed big buffers leave RSS (Linux, glibc)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from mlxd.daemon.heap import jemalloc_env
+
+from .daemon_proc import DaemonProcess, short_tmpdir
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's heap")
 
@@ -68,6 +74,21 @@ print(kept[0], pinned)
 """
 
 
+# 64 MiB freed between live blocks with nothing else happening: how much is still resident
+# once `seconds` have passed, and how long until under 8 MiB?
+_DECAY_SCRIPT = r"""
+pin_heap_thresholds()  # on glibc: the daemon's settings, the blocks from the heap
+base = rss_kib()
+blocks = [touched(1 << 20) for _ in range(128)]
+for p in blocks[::2]:
+    libc.free(p)
+t0 = time.monotonic()
+while (kept := rss_kib() - base - 64 * 1024) > 8 * 1024 and time.monotonic() - t0 < 5:
+    time.sleep(0.1)
+print(kept, time.monotonic() - t0)
+"""
+
+
 def _run(script: str, mode: str, env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run `script` in a fresh process; (MiB it kept resident, its second output)."""
     out = subprocess.run(
@@ -102,3 +123,29 @@ def test_the_users_own_malloc_settings_win() -> None:
     env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
     kept, pinned = _run(_THREAD_SCRIPT, "pin", env)
     assert pinned == "False" and kept > 16
+
+
+def test_jemalloc_returns_freed_holes_within_seconds_without_a_trim() -> None:
+    env = jemalloc_env(os.environ)
+    if env is None:
+        pytest.skip("no libjemalloc.so.2 here (python3 dev.py setup installs libjemalloc2)")
+    # The control: glibc keeps the holes until a trim, however long it waits.
+    kept, _ = _run(_DECAY_SCRIPT, "none")
+    assert kept > 48
+    kept, seconds = _run(_DECAY_SCRIPT, "none", env)
+    assert kept < 8 and float(seconds) < 4, (kept, seconds)
+
+
+@pytest.mark.parametrize("option", ["auto", "system"])
+def test_the_daemon_runs_on_jemalloc_where_installed(option: str, model_cache: Path) -> None:
+    expected = "jemalloc" if option == "auto" and jemalloc_env(os.environ) else "glibc"
+    folder = short_tmpdir()
+    daemon = DaemonProcess(folder, model_cache, "--allocator", option).start()
+    try:
+        assert daemon.proc is not None
+        maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()  # the same pid after the exec
+        assert [e["allocator"] for e in daemon.events("heap")] == [expected]
+        assert ("libjemalloc" in maps) == (expected == "jemalloc")
+    finally:
+        assert daemon.stop() == 0
+        shutil.rmtree(folder, ignore_errors=True)
