@@ -8,9 +8,9 @@
     python3 dev.py setup [--anchor]             # only set up; --anchor: also llama-cpp-python
 
 The first run makes .venv/ and installs the project with its extras; on Linux it also
-installs OpenBLAS (30x faster float32 matmul than the BLAS in the mlx wheel), jemalloc
-(the daemon's malloc there: RSS stays flat over hours) and the tools the tests use (socat,
-neovim, systemd) with apt-get when it runs as root.
+installs OpenBLAS (30x faster float32 matmul than the BLAS in the mlx wheel) and, for
+`--allocator jemalloc` and the tests, jemalloc, socat, neovim and systemd, with apt-get
+when it runs as root.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ STAMP = VENV / ".mlxd-installed"
 # Each package, and the command or shared library that shows it is there.
 APT_PACKAGES = {
     "libopenblas0-pthread": "libopenblas.so.0",
-    "libjemalloc2": "libjemalloc.so.2",  # the daemon's malloc on Linux: flat RSS over hours
+    "libjemalloc2": "libjemalloc.so.2",  # mlxd serve --allocator jemalloc, and its tests
     "socat": "socat",
     "neovim": "nvim",
     "systemd": "systemd-analyze",

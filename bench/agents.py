@@ -408,11 +408,15 @@ def section(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def wall_bars(ax: Any, res: dict[str, Any]) -> None:
-    """Each side's wall time for all turns, a bar each."""
+def wall_bars(ax: Any, res: dict[str, Any], colors: dict[str, str] | None = None) -> None:
+    """Each side's wall time for all turns, a bar each (`colors`: a side's colour, where
+    another panel of the figure already gave it one)."""
     sides = res["sides"]
     walls = [res["summary"][s]["wall_s"] for s in sides]
-    bars = ax.bar(range(len(sides)), walls, color=[f"C{i}" for i in range(len(sides))])
+    colors = colors or {}
+    bars = ax.bar(
+        range(len(sides)), walls, color=[colors.get(s, f"C{i}") for i, s in enumerate(sides)]
+    )
     ax.bar_label(bars, labels=[f"{x:.0f} s" for x in walls], fontsize=8)
     ax.set_xticks(range(len(sides)), [s.replace(", ", "\n") for s in sides], fontsize=8)
     ax.set_ylabel("wall time, all turns (s)")

@@ -439,7 +439,8 @@ def plot(res: dict[str, Any], out: Path, plt: Any) -> str:
     ax.set_ylabel("generated tokens/s (aggregate)")
     ax.set_title(f"mlxd vs llama.cpp server, max_tokens {res['workload']['max_tokens']}")
     ax.legend(fontsize=8)
-    wall_bars(ax2, res)
+    # The same colour for a server in both panels: mlxd (with sessions or without) and each llama.cpp.
+    wall_bars(ax2, res, {SESSIONS: "C0", SESSIONLESS: "C0", DEFAULTS: "C1", CACHED: "C2"})
     ax2.set_title(f"agents, {res['workload']['agents']} x {res['workload']['turns']} turns")
     fig.tight_layout()
     fig.savefig(out / "llamacpp.png", dpi=110)

@@ -1,6 +1,6 @@
 """Run the mlxd benchmarks; write <out>/report.md, results.json and PNG plots.
 
-    .venv/bin/python bench/run.py [--quick] [--suite throughput,resume,...] [--soak MINUTES] [--out DIR]
+    .venv/bin/python bench/run.py [--quick] [--suite throughput,resume,...] [--soak MINUTES] [--allocator A] [--out DIR]
 
 Default --out: bench/results/<YYYY-MM-DD-HHMM>/. See bench/README.md.
 """
@@ -473,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the soak suite (steady mixed load) for MINUTES (default: off)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=["system", "jemalloc"],
+        help="the soak's daemon runs with this `mlxd serve --allocator` (default: its default)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="folder for the report (default: bench/results/<date>)"
     )
     args = parser.parse_args(argv)
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         log(f"{name}{' (quick)' if args.quick else ''} ...")
         try:
-            opts = {"minutes": args.soak} if name == "soak" and args.soak else {}
+            opts = {"minutes": args.soak, "allocator": args.allocator} if name == "soak" else {}
             result = SUITES[name](args.model, args.quick, log, **opts)
         except Exception:  # one suite failing must not lose the others' results
             failed[name] = traceback.format_exc()

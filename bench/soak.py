@@ -237,6 +237,8 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         blocks = -(-(max_session + 64) // BLOCK_TOKENS)
         budget = (sessions // 2) * blocks * per_token * BLOCK_TOKENS
         args = ["--kv-budget", str(budget)]
+    if opts.get("allocator"):
+        args += ["--allocator", opts["allocator"]]
     every = max(2.0, minutes * 60 / 120)
     log(
         f"  {minutes:g} min, {sessions} sessions, "
@@ -247,6 +249,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
     with Daemon(model, *args) as daemon:
         assert daemon.proc is not None
         pid = daemon.proc.pid
+        allocator = next((e.get("allocator") for e in daemon.events("heap")), None)
         with Client(daemon.socket, timeout=REQUEST_TIMEOUT_S) as admin:
             admin.generate("warm up", max_tokens=4)
             status = admin.status()
@@ -329,6 +332,7 @@ def run(model: str, quick: bool, log: Any = None, **opts: Any) -> dict[str, Any]
         windows.append(percentiles([ms for t, ms, _ in ttft if lo <= t < hi]))
     return {
         "status": status,
+        "allocator": allocator,  # the daemon's malloc: jemalloc or glibc (its "heap" event)
         "minutes": minutes,
         "sessions": sessions,
         "max_session_tokens": max_session,
@@ -456,7 +460,9 @@ def section(res: dict[str, Any]) -> list[str]:
         f"{c['errors']} {res['error_kinds'] or ''}; probe stalls (no first token within "
         f"{STALL_MS / 1000:.0f} s) {res['stalls']}; client threads still running at the end "
         f"{res['threads_stuck']}; open fds at rest before the load {res['fds_at_rest']['before']}, after it {res['fds_at_rest']['after']}. Daemon totals: {res['totals']}; sessions spilled {res['spilled']}, "
-        f"restored {res['restored']}. Pool blocks used once the load stopped: "
+        f"restored {res['restored']}. The daemon's malloc: {res.get('allocator') or 'not logged'}"
+        " (the RSS rows by kind of mapping read glibc's layout: on jemalloc its memory counts"
+        " as anonymous mappings). Pool blocks used once the load stopped: "
         f"{res['blocks_used']}, exactly what the hot sessions and anonymous entries hold "
         f"({res['blocks_held']}).",
         "",

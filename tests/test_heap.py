@@ -1,5 +1,5 @@
-"""The heap release the engine runs, the thresholds the daemon pins, and the jemalloc it
-runs on where installed: freed big buffers leave RSS (Linux, glibc)."""
+"""The heap release the engine runs, the thresholds the daemon pins, and jemalloc when asked
+for: freed big buffers leave RSS (Linux, glibc)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.daemon.heap import jemalloc_env
+from mlxd.daemon.heap import find_jemalloc, jemalloc_env
 
 from .daemon_proc import DaemonProcess, short_tmpdir
 
@@ -126,26 +126,44 @@ def test_the_users_own_malloc_settings_win() -> None:
 
 
 def test_jemalloc_returns_freed_holes_within_seconds_without_a_trim() -> None:
-    env = jemalloc_env(os.environ)
-    if env is None:
+    lib = find_jemalloc()
+    if lib is None:
         pytest.skip("no libjemalloc.so.2 here (python3 dev.py setup installs libjemalloc2)")
     # The control: glibc keeps the holes until a trim, however long it waits.
     kept, _ = _run(_DECAY_SCRIPT, "none")
     assert kept > 48
+    env = jemalloc_env(os.environ, lib)
+    assert env is not None
     kept, seconds = _run(_DECAY_SCRIPT, "none", env)
     assert kept < 8 and float(seconds) < 4, (kept, seconds)
 
 
-@pytest.mark.parametrize("option", ["auto", "system"])
-def test_the_daemon_runs_on_jemalloc_where_installed(option: str, model_cache: Path) -> None:
-    expected = "jemalloc" if option == "auto" and jemalloc_env(os.environ) else "glibc"
+def test_without_jemalloc_the_restart_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlxd.daemon import heap
+
+    monkeypatch.setattr(heap, "JEMALLOC_LIBS", ())
+    assert heap.restart_on_jemalloc() == (
+        "needs Linux and libjemalloc.so.2 (Debian: apt-get install libjemalloc2)"
+    )
+
+
+@pytest.mark.parametrize("option", ["system", "jemalloc"])
+def test_the_daemon_runs_on_the_allocator_asked_for(option: str, model_cache: Path) -> None:
     folder = short_tmpdir()
-    daemon = DaemonProcess(folder, model_cache, "--allocator", option).start()
+    daemon = DaemonProcess(folder, model_cache, "--allocator", option)
     try:
+        if option == "jemalloc" and find_jemalloc() is None:  # refused, in one line
+            daemon.spawn()
+            assert daemon.wait() == 1
+            assert "--allocator jemalloc needs Linux and libjemalloc.so.2" in daemon.lines[-1]
+            return
+        daemon.start()
         assert daemon.proc is not None
         maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()  # the same pid after the exec
+        expected = "jemalloc" if option == "jemalloc" else "glibc"
         assert [e["allocator"] for e in daemon.events("heap")] == [expected]
-        assert ("libjemalloc" in maps) == (expected == "jemalloc")
-    finally:
+        assert ("libjemalloc" in maps) == (option == "jemalloc")
         assert daemon.stop() == 0
+    finally:
+        daemon.kill()
         shutil.rmtree(folder, ignore_errors=True)
