@@ -27,7 +27,7 @@ again with jemalloc preloaded, whose background thread returns pages freed for a
 In the one-hour soak RSS net of the hot KV then stayed flat once the KV budget had filled
 (1017 -> 1018 MiB from the 4th tenth to the end, against 736 -> 822 on glibc), but ~200 MiB
 higher than glibc's, and requests with 1200-token prompts ran 0.93x as fast (paired, pairs
-0.82-1.06): freed pages come back as fresh page faults. So glibc stays the default.
+0.82-1.06; likely, freed pages come back as fresh page faults). So glibc stays the default.
 """
 
 from __future__ import annotations
