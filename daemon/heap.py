@@ -33,10 +33,10 @@ higher than glibc's, and requests with 1200-token prompts ran 0.93x as fast (pai
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 __all__ = [
     "allocator",
@@ -53,16 +53,6 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # the dynamic threshold's ceiling on 64-bit glibc
 TRIM_THRESHOLD = 4 << 20
 
-JEMALLOC_LIBS = tuple(
-    Path(folder) / "libjemalloc.so.2"
-    for folder in (
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib64",
-        "/usr/lib",
-        "/usr/local/lib",
-    )
-)
 # Pages freed for a second go back to the system, from jemalloc's own thread.
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
@@ -85,11 +75,12 @@ def allocator() -> str:
     return "jemalloc" if _JEMALLOC else "glibc" if _MALLOPT is not None else "system"
 
 
-def find_jemalloc() -> Path | None:
-    return next((p for p in JEMALLOC_LIBS if p.exists()), None)
+def find_jemalloc() -> str | None:
+    """jemalloc's library as the dynamic linker knows it (its cache), for LD_PRELOAD."""
+    return ctypes.util.find_library("jemalloc")
 
 
-def jemalloc_env(environ: Mapping[str, str], lib: Path) -> dict[str, str] | None:
+def jemalloc_env(environ: Mapping[str, str], lib: str) -> dict[str, str] | None:
     """`environ` with `lib` preloaded (and configured, unless the user configured it), or
     None where jemalloc is preloaded already."""
     preload = environ.get("LD_PRELOAD", "")

@@ -141,7 +141,7 @@ def test_jemalloc_returns_freed_holes_within_seconds_without_a_trim() -> None:
 def test_without_jemalloc_the_restart_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     from mlxd.daemon import heap
 
-    monkeypatch.setattr(heap, "JEMALLOC_LIBS", ())
+    monkeypatch.setattr(heap, "find_jemalloc", lambda: None)
     assert heap.restart_on_jemalloc() == (
         "needs Linux and libjemalloc.so.2 (Debian: apt-get install libjemalloc2)"
     )
